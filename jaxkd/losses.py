@@ -1,0 +1,366 @@
+"""Distillation losses: pure, jit-able functions, float32 math whatever the input dtype.
+
+Conventions shared by every loss here:
+
+- Logits are [batch, classes]; feature maps are NHWC [batch, H, W, C].
+- `weights` is an optional per-example weight vector [batch] (0 for padding rows).
+  A loss is the weighted mean over examples, sum_i w_i l_i / sum_i w_i, so a
+  padded last batch gives the same value as the unpadded batch. Rows with weight
+  0 never contribute, not even NaN or inf.
+- Inputs are cast to float32 before any arithmetic (bfloat16 logits from a
+  mixed-precision model are fine); results are float32 scalars.
+- Under `jax.jit` over a device Mesh the batch axis is global, so every mean is
+  over the global batch. Inside `shard_map`/`pmap`, `perception_reconstruct`
+  takes an `axis_name` to reduce its batch statistics across devices.
+
+References: Hinton et al. 2015 (KD); Zhao et al., CVPR 2022 (DKD); Zhu & Zhu,
+Computer Systems & Applications 2025, 34(2) (perception reconstruction, seed
+004); Sun et al., CVPR 2024 (logit standardization); Zagoruyko & Komodakis,
+ICLR 2017 (attention transfer); Romero et al., ICLR 2015 (FitNets); Gretton et
+al., JMLR 2012 (MMD). See ../shared/REFERENCE.md sections 4 and 5.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+__all__ = [
+    "cross_entropy",
+    "kd_loss",
+    "tckd_nckd",
+    "dkd_loss",
+    "perception_reconstruct",
+    "logit_standardize",
+    "attention_transfer_loss",
+    "hint_loss",
+    "mmd_loss",
+    "weighted_mean",
+]
+
+
+def _f32(x) -> Array:
+  return jnp.asarray(x).astype(jnp.float32)
+
+
+def _check_pair(student: Array, teacher: Array, what: str = "logits") -> None:
+  if student.shape != teacher.shape:
+    raise ValueError(f"student and teacher {what} must have the same shape, got "
+                     f"{student.shape} and {teacher.shape}")
+
+
+def weighted_mean(per_example: Array, weights: Optional[Array] = None) -> Array:
+  """sum_i w_i x_i / sum_i w_i over the leading axis (plain mean when `weights` is None).
+
+  Rows with zero weight are masked out (their value is ignored even if NaN).
+  If every weight is zero the result is 0.
+  """
+  per_example = _f32(per_example)
+  if weights is None:
+    return jnp.mean(per_example)
+  w = _f32(weights)
+  if w.shape != per_example.shape[:1]:
+    raise ValueError(f"weights must have shape [batch]={per_example.shape[:1]}, got {w.shape}")
+  w = w.reshape(w.shape + (1,) * (per_example.ndim - 1))
+  w = jnp.broadcast_to(w, per_example.shape)
+  masked = jnp.where(w > 0, per_example, 0.0)
+  return jnp.sum(masked * w) / jnp.maximum(jnp.sum(w), jnp.finfo(jnp.float32).tiny)
+
+
+def cross_entropy(logits: Array, labels: Array, *, label_smoothing: float = 0.0,
+                  weights: Optional[Array] = None) -> Array:
+  """Softmax cross-entropy, weighted mean over the batch.
+
+  CE = -sum_c q_c log softmax(z)_c, with q the one-hot label smoothed as in
+  PyTorch's CrossEntropyLoss: q = (1 - eps) * onehot(y) + eps / C.
+  `labels` is int [batch], or a probability vector [batch, C] (soft labels,
+  e.g. after MixUp/CutMix; smoothing is then applied to it the same way).
+  """
+  logits = _f32(logits)
+  num_classes = logits.shape[-1]
+  if labels.ndim == logits.ndim:
+    targets = _f32(labels)
+  else:
+    targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+  if label_smoothing:
+    targets = (1.0 - label_smoothing) * targets + label_smoothing / num_classes
+  per_example = -jnp.sum(targets * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+  return weighted_mean(per_example, weights)
+
+
+def _exp_minus_one_plus(y: Array) -> Array:
+  """g(y) = exp(-y) - 1 + y >= 0, accurate to float32 precision also for tiny |y|.
+
+  Direct evaluation cancels for small |y| (g ~ y^2 / 2); there the Taylor series
+  (terms up to y^8, truncation below 1e-7 relative for |y| < 0.5) is used.
+  """
+  small = jnp.abs(y) < 0.5
+  ys = jnp.where(small, y, 0.0)
+  series = ys * ys * (1 / 2 + ys * (-1 / 6 + ys * (1 / 24 + ys * (-1 / 120 + ys * (
+      1 / 720 + ys * (-1 / 5040 + ys * (1 / 40320)))))))
+  yl = jnp.where(small, 1.0, y)
+  return jnp.where(small, series, jnp.expm1(-yl) + yl)
+
+
+def _log_mean_exp_neg(log_p: Array, d: Array, mask: Optional[Array] = None):
+  """log E_p[exp(-d)] over the last axis, split for precision: returns (c, m, L) with
+
+    c = E_p[d] (rounded),  y = d - c,  m = E_p[y] (zero up to rounding),
+    L = log E_p[exp(-y)] = log1p(G - m),  G = E_p[g(y)] >= 0,
+
+  so log E_p[exp(-d)] = -c + L. Because g(y) = exp(-y) - 1 + y is summed
+  without cancellation, L keeps full relative precision when d is nearly
+  constant. When some exp(-y) could overflow (distributions far apart) L is
+  taken as logsumexp(log p - y) instead. `mask` marks classes excluded from
+  the distribution (p = 0 and d ignored there).
+  """
+  if mask is not None:
+    log_p = jnp.where(mask, -jnp.inf, log_p)
+    d = jnp.where(mask, 0.0, d)
+  p = jnp.exp(log_p)
+  c = jnp.sum(p * d, axis=-1)
+  y = d - c[..., None]
+  if mask is not None:
+    y = jnp.where(mask, 0.0, y)
+  m = jnp.sum(p * y, axis=-1)
+  far = jnp.max(-y, axis=-1) > 40.0  # exp(40) ~ 2e17, far from float32 overflow
+  y_near = jnp.where(far[..., None], 0.0, y)
+  near = jnp.log1p(jnp.sum(p * _exp_minus_one_plus(y_near), axis=-1) - m)
+  return c, m, jnp.where(far, jax.nn.logsumexp(log_p - y, axis=-1), near)
+
+
+def _kl_from_log_ratio(log_p: Array, log_ratio: Array, mask: Optional[Array] = None) -> Array:
+  """KL(p || q) over the last axis, given log p and d = log p - log q + const (any constant).
+
+  KL = E_p[d] + log E_p[exp(-d)] = m + L (see `_log_mean_exp_neg`): exact for
+  any constant in d, and with full relative precision for nearly equal
+  distributions, where the naive sum_c p_c (log p_c - log q_c) cancels.
+  """
+  _, m, log_mean = _log_mean_exp_neg(log_p, log_ratio, mask)
+  return m + log_mean
+
+
+def _kd_per_example(student_logits: Array, teacher_logits: Array, temperature) -> Array:
+  """T^2 * KL(softmax(t/T) || softmax(s/T)) per example, [batch]."""
+  t = jnp.asarray(temperature, jnp.float32)
+  zs = _f32(student_logits) / t
+  zt = _f32(teacher_logits) / t
+  return _kl_from_log_ratio(jax.nn.log_softmax(zt, axis=-1), zt - zs) * t * t
+
+
+def kd_loss(student_logits: Array, teacher_logits: Array, *, temperature,
+            weights: Optional[Array] = None) -> Array:
+  """Hinton knowledge-distillation loss (Hinton, Vinyals & Dean 2015).
+
+  KD = T^2 * KL(p_t || p_s) = T^2 * sum_c p_t,c (log p_t,c - log p_s,c),
+  p = softmax(z / T); weighted mean over the batch. The T^2 factor keeps the
+  gradient scale independent of T. `temperature` may be a traced scalar (a
+  schedule's value).
+  """
+  _check_pair(student_logits, teacher_logits)
+  return weighted_mean(_kd_per_example(student_logits, teacher_logits, temperature), weights)
+
+
+def tckd_nckd(student_logits: Array, teacher_logits: Array, labels: Array, *,
+              temperature=4.0) -> tuple[Array, Array]:
+  """The two terms of decoupled KD (Zhao et al., CVPR 2022), per example, each times T^2.
+
+  With p = softmax(z / T), b = [p_y, 1 - p_y] and p_hat the softmax over the
+  non-target classes only:
+
+    TCKD = T^2 * KL(b_t || b_s),     NCKD = T^2 * KL(p_hat_t || p_hat_s),
+
+  so that, per example, KD = TCKD + (1 - p_t[y]) * NCKD exactly.
+  The target class is masked out with -inf (not by subtracting 1000 as
+  mdistiller does, which fails for logits of large magnitude), and both KL
+  terms are computed from log-ratios without first-order cancellation, so
+  small per-example values keep full float32 relative precision.
+
+  Returns (tckd, nckd), each float32 [batch].
+  """
+  _check_pair(student_logits, teacher_logits)
+  t = jnp.asarray(temperature, jnp.float32)
+  zs = _f32(student_logits) / t
+  zt = _f32(teacher_logits) / t
+  target = jax.nn.one_hot(labels, zs.shape[-1], dtype=jnp.bool_)
+  d = zt - zs
+
+  def lse_gap(log_p, mask):
+    # lse(zs) - lse(zt) over the unmasked classes = log E_pt[exp(-d)], without subtracting
+    # two large log-sum-exps.
+    c, _, log_mean = _log_mean_exp_neg(log_p, d, mask)
+    return -c + log_mean
+
+  # Non-target part: p_hat = softmax over classes != y (target masked, not shifted by -1000).
+  log_pt_hat = jax.nn.log_softmax(jnp.where(target, -jnp.inf, zt), axis=-1)
+  nckd = _kl_from_log_ratio(log_pt_hat, d, mask=target)
+
+  # Target part: b = [p_y, 1 - p_y]. log b_t - log b_s, each entry without cancellation:
+  #   log p_y,t - log p_y,s = d_y + gap_all,  log(1-p_y,t) - log(1-p_y,s) = gap_all - gap_rest,
+  # gap_* = lse(zs) - lse(zt) over all / non-target classes.
+  log_pt = jax.nn.log_softmax(zt, axis=-1)
+  no_mask = jnp.zeros_like(target)
+  gap_all = lse_gap(log_pt, no_mask)
+  gap_rest = lse_gap(log_pt_hat, target)  # needs a normalised distribution: p_hat
+  log_bt = jnp.stack([jnp.sum(jnp.where(target, log_pt, 0.0), axis=-1),
+                      jax.nn.logsumexp(jnp.where(target, -jnp.inf, log_pt), axis=-1)], axis=-1)
+  d_b = jnp.stack([jnp.sum(jnp.where(target, d, 0.0), axis=-1) + gap_all, gap_all - gap_rest], axis=-1)
+  tckd = _kl_from_log_ratio(log_bt, d_b)
+  return tckd * t * t, nckd * t * t
+
+
+def dkd_loss(student_logits: Array, teacher_logits: Array, labels: Array, *, alpha=1.0,
+             beta=8.0, temperature=4.0, weights: Optional[Array] = None) -> Array:
+  """Decoupled knowledge distillation (Zhao et al., CVPR 2022).
+
+  DKD = alpha * TCKD + beta * NCKD, each times T^2 (see `tckd_nckd`), weighted
+  mean over the batch. mdistiller defaults: alpha 1, beta 8, T 4; the linear
+  warm-up of this term is a schedule (`jaxkd.schedules.dkd_warmup`).
+  """
+  tckd, nckd = tckd_nckd(student_logits, teacher_logits, labels, temperature=temperature)
+  return weighted_mean(alpha * tckd + beta * nckd, weights)
+
+
+def perception_reconstruct(logits: Array, *, eps: float = 1e-6, axis_name: Optional[str] = None,
+                           weights: Optional[Array] = None) -> Array:
+  """Perception reconstruction (seed 004, eq. 5): per-class standardisation over the batch.
+
+    h_ij = (z_ij - U_j) / sqrt(V_j + eps),
+
+  U_j and V_j the (weighted) mean and population variance of class j's logits
+  over the batch. Apply it to teacher and student logits separately, then KD or
+  DKD on h instead of z. `eps` keeps a class whose logits are constant over the
+  batch finite (h = 0 there).
+
+  The statistics are over the global batch. Under `jax.jit` over a Mesh that is
+  automatic; inside `shard_map`/`pmap` pass the mapped `axis_name`, and the
+  weighted sums (weight, sum of z, then sum of squared deviations) are `psum`-ed
+  across devices, so the result equals the single-device result on the same
+  global batch. The variance is computed as a mean of squared deviations from
+  the global mean (two reductions) rather than E[z^2] - E[z]^2, which loses
+  all precision in float32 when |z| is large compared with its spread.
+
+  `weights` [batch] (0 for padding) excludes rows from the statistics; the
+  output has a row for every input row.
+  """
+  z = _f32(logits)
+  if z.ndim != 2:
+    raise ValueError(f"perception_reconstruct expects logits [batch, classes], got shape {z.shape}")
+  w = jnp.ones(z.shape[:1], jnp.float32) if weights is None else _f32(weights)
+  if w.shape != z.shape[:1]:
+    raise ValueError(f"weights must have shape [batch]={z.shape[:1]}, got {w.shape}")
+  w = w[:, None]
+  z_masked = jnp.where(w > 0, z, 0.0)
+
+  def total(x):
+    s = jnp.sum(x, axis=0)
+    return jax.lax.psum(s, axis_name) if axis_name is not None else s
+
+  count = jnp.maximum(total(w), jnp.finfo(jnp.float32).tiny)
+  mean = total(w * z_masked) / count
+  centered = z - mean
+  var = total(w * jnp.where(w > 0, centered, 0.0) ** 2) / count
+  return centered * jax.lax.rsqrt(var + eps)
+
+
+def logit_standardize(logits: Array, *, eps: float = 1e-7) -> Array:
+  """Logit standardisation (Sun et al., CVPR 2024): per-sample z-score over classes.
+
+    z' = (z - mean_c z) / (std_c z + eps),
+
+  std the sample standard deviation over classes with Bessel's correction
+  (divides by C - 1), as torch.std in the authors' code. Used with KD at base
+  temperature 2 and KD weight 9.
+  """
+  z = _f32(logits)
+  mean = jnp.mean(z, axis=-1, keepdims=True)
+  std = jnp.std(z, axis=-1, keepdims=True, ddof=1)
+  return (z - mean) / (std + eps)
+
+
+def _attention_map(feat: Array, p: float, out_hw: Optional[tuple[int, int]] = None) -> Array:
+  """a(F) = normalize(sum_c |F_c|^p), flattened over space, L2-normalised per example."""
+  a = jnp.sum(jnp.abs(_f32(feat)) ** p, axis=-1)  # [B, H, W]
+  if out_hw is not None and a.shape[1:] != tuple(out_hw):
+    a = jax.image.resize(a, (a.shape[0],) + tuple(out_hw), method="bilinear")
+  a = a.reshape(a.shape[0], -1)
+  return a / jnp.maximum(jnp.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
+
+
+def attention_transfer_loss(student_feat: Array, teacher_feat: Array, *, p: float = 2,
+                            weights: Optional[Array] = None) -> Array:
+  """Attention transfer (Zagoruyko & Komodakis, ICLR 2017).
+
+    a(F) = vec(sum_c |F_c|^p) / ||vec(sum_c |F_c|^p)||_2,
+    AT = mean over positions of (a(F_s) - a(F_t))^2, weighted mean over the batch
+
+  (the mean over B*H*W of the authors' code). Feature maps are NHWC; channel
+  counts may differ. When spatial sizes differ, the student's attention map is
+  bilinearly resized to the teacher's.
+  """
+  if student_feat.ndim != 4 or teacher_feat.ndim != 4:
+    raise ValueError(f"attention_transfer_loss expects NHWC feature maps, got shapes "
+                     f"{student_feat.shape} and {teacher_feat.shape}")
+  a_t = _attention_map(teacher_feat, p)
+  a_s = _attention_map(student_feat, p, out_hw=teacher_feat.shape[1:3])
+  return weighted_mean(jnp.mean((a_s - a_t) ** 2, axis=-1), weights)
+
+
+def hint_loss(regressed_student_feat: Array, teacher_feat: Array, *,
+              weights: Optional[Array] = None) -> Array:
+  """FitNets hint loss (Romero et al., ICLR 2015): mean squared error.
+
+  The student feature must already be mapped to the teacher's shape by a
+  learned regressor (e.g. a 1x1 conv, part of the student's parameters).
+  Loss = mean over elements of (r(F_s) - F_t)^2, weighted mean over the batch.
+  """
+  _check_pair(regressed_student_feat, teacher_feat, "features")
+  diff = _f32(regressed_student_feat) - _f32(teacher_feat)
+  per_example = jnp.mean(diff.reshape(diff.shape[0], -1) ** 2, axis=-1)
+  return weighted_mean(per_example, weights)
+
+
+def mmd_loss(student_feat: Array, teacher_feat: Array, *, kernel: str = "rbf",
+             bandwidths: Sequence[float] = (0.5, 1.0, 2.0, 4.0, 8.0),
+             weights: Optional[Array] = None) -> Array:
+  """Squared maximum mean discrepancy between student and teacher feature distributions.
+
+  Biased (V-statistic) estimate over the batch (Gretton et al., JMLR 2012):
+
+    MMD^2 = E[k(s, s')] + E[k(t, t')] - 2 E[k(s, t)],
+
+  features flattened to [batch, D] (student and teacher D must match: map them
+  first if needed). kernel='rbf': k(x, y) = mean_b exp(-||x - y||^2 / (2 D sigma_b^2))
+  over `bandwidths` sigma_b (distances scaled by D so the bandwidths are per
+  feature dimension); kernel='linear': k(x, y) = <x, y> / D, for which MMD^2 =
+  ||mean(s) - mean(t)||^2 / D. `weights` weight each pair by w_i w_j.
+  """
+  s = _f32(student_feat).reshape(student_feat.shape[0], -1)
+  t = _f32(teacher_feat).reshape(teacher_feat.shape[0], -1)
+  if s.shape[1] != t.shape[1]:
+    raise ValueError(f"mmd_loss needs features of the same dimension, got {s.shape[1]} and {t.shape[1]}")
+  dim = s.shape[1]
+  n = s.shape[0]
+  w = jnp.ones((n,), jnp.float32) if weights is None else _f32(weights)
+  w = w / jnp.maximum(jnp.sum(w), jnp.finfo(jnp.float32).tiny)
+
+  if kernel == "linear":
+    def k(x, y):
+      return (x @ y.T) / dim
+  elif kernel == "rbf":
+    sig2 = jnp.asarray(bandwidths, jnp.float32) ** 2
+
+    def k(x, y):
+      d2 = (jnp.sum(x * x, -1)[:, None] + jnp.sum(y * y, -1)[None, :] - 2.0 * x @ y.T)
+      d2 = jnp.maximum(d2, 0.0) / dim
+      return jnp.mean(jnp.exp(-d2[..., None] / (2.0 * sig2)), axis=-1)
+  else:
+    raise ValueError(f"unknown MMD kernel {kernel!r}; use 'rbf' or 'linear'")
+
+  def expect(x, y):
+    return jnp.sum(w[:, None] * w[None, :] * k(x, y))
+
+  return expect(s, s) + expect(t, t) - 2.0 * expect(s, t)
