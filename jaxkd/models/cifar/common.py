@@ -1,0 +1,77 @@
+"""Small pieces shared by the CIFAR model definitions (mdistiller / CRD families).
+
+PyTorch conventions are kept so that a converted checkpoint gives the same
+function: symmetric zero padding, channels in the same order (channel shuffle
+and split act on the last axis exactly as PyTorch's act on axis 1), BatchNorm
+eps 1e-5 and PyTorch momentum 0.1 (Flax momentum 0.9).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxkd.models.layers import conv_kernel_init
+
+# PyTorch's default nn.Conv2d / nn.Linear weight init, kaiming_uniform_(a=sqrt(5)):
+# U(-b, b) with b = sqrt(1 / fan_in)  (variance scaling 1/3, uniform, fan_in).
+torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+# mdistiller's VGG/MobileNetV2 classifier init: N(0, 0.01^2), bias 0.
+linear_normal_001_init = nn.initializers.normal(stddev=0.01)
+
+
+def torch_default_bias_init(fan_in: int) -> Callable[..., jax.Array]:
+  """PyTorch's default bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  if fan_in < 1:
+    raise ValueError(f"fan_in must be >= 1, got {fan_in}")
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def conv(features: int, kernel_size: int, *, strides: int = 1, groups: int = 1, use_bias: bool = False,
+         kernel_init: Callable[..., jax.Array] = conv_kernel_init, dtype: Any = jnp.float32,
+         name: Optional[str] = None) -> nn.Conv:
+  """k x k convolution with PyTorch's symmetric padding p = (k - 1) // 2 on every side.
+
+  Output size floor((H + 2p - k) / s) + 1, as torch.nn.Conv2d(padding=p).
+  `groups` > 1 is a grouped convolution (feature_group_count); depthwise
+  convolutions use layers.DepthwiseConv instead.
+  """
+  pad = (kernel_size - 1) // 2
+  return nn.Conv(features, (kernel_size, kernel_size), strides=(strides, strides),
+                 padding=((pad, pad), (pad, pad)), feature_group_count=groups, use_bias=use_bias,
+                 kernel_init=kernel_init, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def global_avg_pool(x: jax.Array) -> jax.Array:
+  """Mean over the spatial axes of NHWC `x` -> [B, C].
+
+  At 32x32 input this equals each reference's fixed-size pooling (AvgPool2d(8)
+  for ResNet/WRN, avg_pool2d(4) for ShuffleNets, AvgPool2d(2) for MobileNetV2,
+  AdaptiveAvgPool2d(1) for VGG), all of which cover the whole final map.
+  """
+  return jnp.mean(x, axis=(1, 2))
+
+
+def channel_shuffle(x: jax.Array, groups: int) -> jax.Array:
+  """ShuffleNet channel shuffle (Zhang et al. 2018) on the last axis of NHWC `x`.
+
+  Channel c = g * (C/groups) + j moves to position j * groups + g, i.e.
+  reshape to [groups, C/groups], transpose, flatten: the same permutation
+  PyTorch's [N, g, C/g, H, W] -> permute(0, 2, 1, 3, 4) gives on NCHW.
+  """
+  channels = x.shape[-1]
+  if channels % groups:
+    raise ValueError(f"channel_shuffle: {channels} channels are not divisible by groups={groups}")
+  if groups == 1:
+    return x
+  lead = x.shape[:-1]
+  return x.reshape(*lead, groups, channels // groups).swapaxes(-1, -2).reshape(*lead, channels)

@@ -1,0 +1,112 @@
+"""ShuffleNet V2 1.0x for CIFAR (Ma et al., ECCV 2018) as CRD/mdistiller's `ShuffleV2`.
+
+Stem: 1x1 conv 3 -> 24 + BN + ReLU at full 32x32 resolution (no stride, no
+max pool). Three stages with widths (116, 232, 464); each is one down-sampling
+unit followed by (3, 7, 3) basic units. Head: 1x1 conv 464 -> 1024 + BN +
+ReLU, global average pooling, linear classifier.
+
+Basic unit (c channels): split into x1 = first c/2 channels, x2 = the rest;
+  b = relu(BN(conv1x1(BN(dw3x3(relu(BN(conv1x1(x2))))))))
+  out = shuffle_2(concat[x1, b]).
+Down-sampling unit (in -> o channels, m = o // 2):
+  left  = relu(BN(conv1x1_m(BN(dw3x3_s2(x)))))
+  right = relu(BN(conv1x1_m(BN(dw3x3_s2(relu(BN(conv1x1_m(x))))))))
+  out = shuffle_2(concat[left, right]).
+
+Features: `stage1..stage3` are the stage outputs (mdistiller's `feats[1:]`),
+16x16x116, 8x8x232, 4x4x464 at 32x32; `embedding` is the pooled 1024-d vector
+after the head conv.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxkd.models.cifar.common import (channel_shuffle, conv, global_avg_pool, torch_default_bias_init,
+                                       torch_default_kernel_init)
+from jaxkd.models.layers import DepthwiseConv, batch_norm
+from jaxkd.models.registry import register
+
+
+class ShuffleV2BasicUnit(nn.Module):
+  """Stride-1 ShuffleNet V2 unit with a 50/50 channel split."""
+  dtype: Any = jnp.float32
+  bn_axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    bn = lambda name: batch_norm(train, axis_name=self.bn_axis_name, dtype=self.dtype, name=name)
+    channels = x.shape[-1]
+    if channels % 2:
+      raise ValueError(f"ShuffleV2BasicUnit needs an even channel count, got {channels}")
+    half = channels // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    b = conv(half, 1, kernel_init=torch_default_kernel_init, dtype=self.dtype, name="conv1")(x2)
+    b = nn.relu(bn("bn1")(b))
+    b = DepthwiseConv(3, dtype=self.dtype, name="conv2")(b)
+    b = bn("bn2")(b)
+    b = conv(half, 1, kernel_init=torch_default_kernel_init, dtype=self.dtype, name="conv3")(b)
+    b = nn.relu(bn("bn3")(b))
+    return channel_shuffle(jnp.concatenate([x1, b], axis=-1), 2)
+
+
+class ShuffleV2DownUnit(nn.Module):
+  """Stride-2 ShuffleNet V2 unit: two branches of `out_channels // 2` each."""
+  out_channels: int
+  dtype: Any = jnp.float32
+  bn_axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    bn = lambda name: batch_norm(train, axis_name=self.bn_axis_name, dtype=self.dtype, name=name)
+    mid = self.out_channels // 2
+    kw = dict(kernel_init=torch_default_kernel_init, dtype=self.dtype)
+    left = DepthwiseConv(3, strides=2, dtype=self.dtype, name="conv1")(x)
+    left = bn("bn1")(left)
+    left = nn.relu(bn("bn2")(conv(mid, 1, name="conv2", **kw)(left)))
+    right = nn.relu(bn("bn3")(conv(mid, 1, name="conv3", **kw)(x)))
+    right = bn("bn4")(DepthwiseConv(3, strides=2, dtype=self.dtype, name="conv4")(right))
+    right = nn.relu(bn("bn5")(conv(mid, 1, name="conv5", **kw)(right)))
+    return channel_shuffle(jnp.concatenate([left, right], axis=-1), 2)
+
+
+class CifarShuffleNetV2(nn.Module):
+  """ShuffleNet V2 for 32x32 inputs; `out_channels` = three stage widths + head width."""
+  num_classes: int
+  out_channels: Sequence[int] = (116, 232, 464, 1024)
+  num_blocks: Sequence[int] = (3, 7, 3)
+  dtype: Any = jnp.float32
+  bn_axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
+    bn = lambda name: batch_norm(train, axis_name=self.bn_axis_name, dtype=self.dtype, name=name)
+    kw = dict(kernel_init=torch_default_kernel_init, dtype=self.dtype)
+    x = x.astype(self.dtype)
+    x = nn.relu(bn("bn1")(conv(24, 1, name="conv1", **kw)(x)))
+    features = {}
+    for stage, (width, blocks) in enumerate(zip(self.out_channels[:3], self.num_blocks), start=1):
+      x = ShuffleV2DownUnit(width, dtype=self.dtype, bn_axis_name=self.bn_axis_name,
+                            name=f"layer{stage}_0")(x, train)
+      for i in range(1, blocks + 1):
+        x = ShuffleV2BasicUnit(dtype=self.dtype, bn_axis_name=self.bn_axis_name,
+                               name=f"layer{stage}_{i}")(x, train)
+      features[f"stage{stage}"] = x
+    x = nn.relu(bn("bn2")(conv(self.out_channels[3], 1, name="conv2", **kw)(x)))
+    embedding = global_avg_pool(x)
+    features["embedding"] = embedding
+    fan_in = self.out_channels[3]
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
+                      kernel_init=torch_default_kernel_init, bias_init=torch_default_bias_init(fan_in),
+                      name="linear")(embedding)
+    logits = logits.astype(jnp.float32)
+    return (logits, features) if return_features else logits
+
+
+@register("shufflenetv2")
+def shufflenetv2(*, num_classes: int, dtype: Any = jnp.float32, **kwargs) -> CifarShuffleNetV2:
+  """mdistiller `ShuffleV2` (net size 1.0): widths (116, 232, 464, 1024), blocks (3, 7, 3)."""
+  return CifarShuffleNetV2(num_classes=num_classes, dtype=dtype, **kwargs)
