@@ -1,0 +1,131 @@
+"""Input-pipeline throughput: decoded + augmented images/s on real Food-101 JPEGs.
+
+Reads the 512-px JPEGs of ``food-101-mini`` (../shared/data) once into memory (so
+disk speed is not measured), then times the jaxkd preprocessing map (the same
+functions the training/eval pipelines use) for several ``num_parallel_calls``:
+
+* ``train``: fused decode-and-crop random-resized crop + flip + colour jitter
+  (0.4, 0.4, 0.4, 0.1), normalised float32;
+* ``eval``: fused decode of the 0.875 centre crop, resize, normalised float32.
+
+Usage::
+
+    python bench/bench_input.py [--data-root ../shared/data] [--image-size 224] [--num-images 512]
+
+``run(...)`` returns the rows as a list of dicts (for a single bench entry point).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+import time
+from typing import Sequence
+
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(_REPO) not in sys.path:
+  sys.path.insert(0, str(_REPO))
+
+import tensorflow as tf  # noqa: E402
+
+import jaxkd.data as data  # noqa: E402
+from jaxkd.data import augment  # noqa: E402
+
+DEFAULT_DATA_ROOT = _REPO.parent / "shared" / "data"
+AUTOTUNE_LABEL = "AUTOTUNE"
+
+
+def _cores() -> int:
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:
+    return os.cpu_count() or 1
+
+
+def _configs(image_size: int) -> dict[str, augment.AugmentConfig]:
+  return {
+      "train": augment.AugmentConfig(image_size=image_size, color_jitter=(0.4, 0.4, 0.4, 0.1)),
+      "eval": augment.AugmentConfig(image_size=image_size),
+  }
+
+
+def run(*, data_root: str | os.PathLike | None = None, image_size: int = 224, num_images: int = 512,
+        passes: int = 2, batch_size: int = 32, modes: Sequence[str] = ("train", "eval"),
+        num_parallel_calls: Sequence[int | None] = (1, 2, 4, None), verbose: bool = True) -> list[dict]:
+  """Times preprocessing; returns rows {mode, num_parallel_calls, images, seconds, images_per_s, ...}.
+
+  ``None`` in ``num_parallel_calls`` means tf.data.AUTOTUNE; "per core" divides by
+  min(num_parallel_calls, cores available to this process) (all cores for AUTOTUNE).
+  """
+  root = pathlib.Path(data_root or DEFAULT_DATA_ROOT) / "food-101-mini" / "food-101" / "images"
+  if not root.is_dir():
+    raise FileNotFoundError(f"benchmark images not found at {os.fspath(root)!r}; pass data_root=<folder "
+                            "holding food-101-mini/> (the repository's ../shared/data)")
+  source = data.get_source("image_folder", manual_dir=root)
+  encoded = source.as_dataset("trainval").take(num_images).map(lambda ex: (ex["image"], ex["key"])).cache()
+  count = sum(1 for _ in encoded)  # fills the in-memory cache
+  cores = _cores()
+  configs = _configs(image_size)
+  rows = []
+  for mode in modes:
+    cfg = configs[mode]
+    for npc in num_parallel_calls:
+      calls = tf.data.AUTOTUNE if npc is None else npc
+
+      if mode == "train":
+        def fn(image, key, cfg=cfg):
+          seed = tf.stack([tf.constant(0, tf.int64), tf.strings.to_hash_bucket_fast(key, 2**62)])
+          return augment.train_preprocess(image, seed, cfg)
+      else:
+        def fn(image, key, cfg=cfg):
+          del key
+          return augment.eval_preprocess(image, cfg)
+
+      ds = encoded.repeat(passes).map(fn, num_parallel_calls=calls, deterministic=True).batch(batch_size)
+      opts = tf.data.Options()
+      opts.experimental_optimization.map_parallelization = False
+      ds = ds.with_options(opts).prefetch(2)
+      it = iter(ds)
+      next(it)  # warm-up: tracing and first batch
+      seen, start = 0, time.perf_counter()
+      for batch in it:
+        seen += int(batch.shape[0])
+      seconds = time.perf_counter() - start
+      used = cores if npc is None else min(npc, cores)
+      row = {"mode": mode, "num_parallel_calls": AUTOTUNE_LABEL if npc is None else npc,
+             "image_size": image_size, "images": seen, "seconds": seconds,
+             "images_per_s": seen / seconds, "images_per_s_per_core": seen / seconds / used,
+             "cores": cores, "source_images": count}
+      rows.append(row)
+      if verbose:
+        print(f"  {mode:5s} npc={row['num_parallel_calls']!s:8s} {row['images_per_s']:8.1f} img/s", flush=True)
+  return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+  lines = ["| preprocessing | num_parallel_calls | images/s | images/s per core |",
+           "|---|---|---:|---:|"]
+  for r in rows:
+    lines.append(f"| {r['mode']} ({r['image_size']} px) | {r['num_parallel_calls']} | "
+                 f"{r['images_per_s']:.1f} | {r['images_per_s_per_core']:.1f} |")
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--data-root", default=None, help="folder holding food-101-mini/ (default ../shared/data)")
+  parser.add_argument("--image-size", type=int, default=224)
+  parser.add_argument("--num-images", type=int, default=512)
+  parser.add_argument("--passes", type=int, default=2)
+  args = parser.parse_args(argv)
+  rows = run(data_root=args.data_root, image_size=args.image_size, num_images=args.num_images,
+             passes=args.passes)
+  print(f"\nFood-101 512-px JPEGs, {rows[0]['source_images']} images x {args.passes} passes, "
+        f"{rows[0]['cores']} CPU cores available\n")
+  print(markdown_table(rows))
+  return rows
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,303 @@
+"""Feeding batches to JAX: deterministic, resumable, host-sharded tf.data pipelines.
+
+Training stream (``train_batches``), per host ``h`` of ``P``:
+
+* reads only its contiguous ``1/P`` slice of the official split (``shard=(h, P)``),
+  keeps the examples of the requested split (key lookup table), so it holds
+  ``n_h`` examples;
+* host epoch ``e`` = those records shuffled with seed ``f(seed, h, e)`` (a full
+  permutation for image-folder sources, whose records are file names; a
+  ``shuffle_buffer``-record window for TFDS, whose files TFDS already wrote in a
+  hashed-key, i.e. class-mixed, order); epochs are
+  concatenated forever (repeat) and cut into local batches of ``B / P``
+  (``drop_remainder``; batches may straddle an epoch boundary, as with repeat-then-batch);
+* augmentation randomness is stateless, keyed by ``(seed, hash(key), epoch)`` per
+  example and ``(seed, h, step)`` per batch (MixUp/CutMix), so it does not depend on
+  threads or on where the stream was (re)started;
+* ``start_step=N`` resumes exactly: the stream position is ``N * B / P`` examples,
+  i.e. epoch ``N B/P // n_h`` and offset ``N B/P % n_h``; the skipped records are
+  never decoded. ``train_batches(..., start_step=N)`` yields the same batches as the
+  uninterrupted stream from step N.
+
+Evaluation stream (``eval_batches``): one pass, every example exactly once.
+All hosts read the split's records in the same order, host ``h`` keeps elements
+``h, h+P, ...`` (before decoding), and pads its tail with zero-weight examples
+(``'weight'`` 0, ``'key'`` b'', zero image, label 0) to ``ceil(N / B)`` local
+batches, so hosts stay in lock-step and a metric ``sum(w * m) / sum(w)`` counts each
+example once.
+
+Batches are dicts of numpy arrays ``{'image', 'label', 'key', 'weight'}`` (+
+``'teacher_logits'`` [B, C] when ``teacher_lookup`` is given, + ``'mix_label'``,
+``'mix_lambda'``, ``'soft_label'`` with MixUp/CutMix). With ``mesh=...`` the numeric
+fields are global ``jax.Array``s sharded along the mesh's 'data' axis (``to_device``);
+'key' (strings) stays a host-local numpy array.
+"""
+from __future__ import annotations
+
+import collections
+import math
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import numpy as np
+import tensorflow as tf
+
+from jaxkd.data import augment as augment_lib
+from jaxkd.data import splits as splits_lib
+from jaxkd.data.sources import Source
+
+TeacherLookup = Callable[[tf.Tensor], tf.Tensor]  # keys tf.string [B] -> float32 logits [B, C]
+_NEVER = 2**62  # "forever" for the epoch counter
+_MIX = 1_000_003
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  pi = jax.process_index() if process_index is None else int(process_index)
+  pc = jax.process_count() if process_count is None else int(process_count)
+  if not 0 <= pi < pc:
+    raise ValueError(f"process_index={pi} must be in [0, process_count={pc})")
+  return pi, pc
+
+
+def local_batch_size(global_batch_size: int, *, num_devices: int | None = None,
+                     process_count: int | None = None) -> int:
+  """Per-host batch size; the global batch must split evenly over devices and hosts."""
+  num_devices = jax.device_count() if num_devices is None else int(num_devices)
+  process_count = jax.process_count() if process_count is None else int(process_count)
+  if global_batch_size <= 0 or global_batch_size % num_devices:
+    raise ValueError(
+        f"global_batch_size={global_batch_size} is not a positive multiple of the {num_devices} devices "
+        f"of the data axis; use e.g. {max(1, round(global_batch_size / num_devices)) * num_devices}")
+  if global_batch_size % process_count:
+    raise ValueError(f"global_batch_size={global_batch_size} is not divisible by process_count={process_count}")
+  return global_batch_size // process_count
+
+
+def _options(num_parallel_calls: int | None) -> tf.data.Options:
+  opts = tf.data.Options()
+  opts.deterministic = True
+  opts.experimental_optimization.map_parallelization = num_parallel_calls is None
+  return opts
+
+
+def _npc(num_parallel_calls: int | None) -> int:
+  return tf.data.AUTOTUNE if num_parallel_calls is None else int(num_parallel_calls)
+
+
+def _mesh_devices(mesh: jax.sharding.Mesh | None, axis: str) -> int | None:
+  if mesh is None:
+    return None
+  if axis not in mesh.shape:
+    raise ValueError(f"mesh has no {axis!r} axis (axes: {tuple(mesh.shape)}); batches are sharded along {axis!r}")
+  return int(mesh.shape[axis])
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def _join_teacher(batch: dict[str, tf.Tensor], teacher_lookup: TeacherLookup, local: int,
+                  num_classes: int) -> dict[str, tf.Tensor]:
+  logits = tf.cast(teacher_lookup(batch["key"]), tf.float32)
+  logits = tf.ensure_shape(logits, [local, num_classes])
+  return {**batch, "teacher_logits": logits}
+
+
+def train_dataset(source: Source, split: str = "train", *, global_batch_size: int,
+                  augment: augment_lib.AugmentConfig | Mapping[str, Any] | None = None,
+                  image_size: int | None = None, seed: int = 0, start_step: int = 0,
+                  shuffle_buffer: int = 10_000, num_parallel_calls: int | None = None,
+                  prefetch: int = 2, teacher_lookup: TeacherLookup | None = None,
+                  process_index: int | None = None, process_count: int | None = None,
+                  num_devices: int | None = None) -> tf.data.Dataset:
+  """The infinite, host-local training ``tf.data.Dataset`` of local batches (see module doc).
+
+  Args:
+    source: a ``Source`` (``get_source(...)``).
+    split: 'train' (default), 'trainval' or 'val'.
+    global_batch_size: batch over all hosts; must divide by the device count.
+    augment: ``AugmentConfig`` or a mapping of its keys.
+    image_size: overrides ``augment.image_size``.
+    seed: seeds the shuffles and all augmentation randomness.
+    start_step: first global step of the stream (resume point).
+    shuffle_buffer: shuffle buffer in records (image-folder sources shuffle whole epochs).
+    num_parallel_calls: parallelism of decode/augment (None = AUTOTUNE).
+    prefetch: batches prefetched by tf.data.
+    teacher_lookup: keys [B] -> float32 logits [B, C] inside tf.data; adds 'teacher_logits'
+      (joined before MixUp/CutMix).
+  """
+  splits_lib.check_split(split)
+  if split == splits_lib.TEST:
+    raise ValueError("train_dataset reads 'train', 'trainval' or 'val'; evaluate 'test' with eval_batches")
+  if start_step < 0:
+    raise ValueError(f"start_step={start_step} must be >= 0")
+  cfg = augment_lib.as_config(augment, **({"image_size": image_size} if image_size else {}))
+  pi, pc = _process(process_index, process_count)
+  local = local_batch_size(global_batch_size, num_devices=num_devices, process_count=pc)
+  shard = (pi, pc) if pc > 1 else None
+  n_host = source.num_examples(split, shard=shard)
+  if n_host == 0:
+    raise ValueError(f"split {split!r} of {source.name!r} has no examples on process {pi}/{pc}")
+  npc = _npc(num_parallel_calls)
+  records = source.records(split, shard=shard)
+  buffer = n_host if source.records_are_cheap else max(1, min(int(shuffle_buffer), n_host))
+  epoch0, offset = divmod(start_step * local, n_host)
+  base_seed = tf.constant(int(seed), tf.int64)
+
+  def epoch(e):
+    e = tf.cast(e, tf.int64)
+    shuffle_seed = (base_seed * _MIX + pi) * _MIX + e
+    ds = records.shuffle(buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
+    return ds.map(lambda r: {**r, "_epoch": e})
+
+  ds = epoch(epoch0).skip(offset).concatenate(tf.data.Dataset.range(epoch0 + 1, _NEVER).flat_map(epoch))
+  if source.load_fn is not None:
+    load_fn = source.load_fn
+    ds = ds.map(lambda r: {**load_fn(r), "_epoch": r["_epoch"]}, num_parallel_calls=npc, deterministic=True)
+  image_dtype = tf.float32 if cfg.mixing else cfg.tf_dtype
+
+  def preprocess(ex):
+    key_hash = tf.strings.to_hash_bucket_fast(ex["key"], _NEVER)
+    example_seed = tf.random.experimental.stateless_fold_in(tf.stack([base_seed, key_hash]), ex["_epoch"])
+    image = augment_lib.train_preprocess(ex["image"], example_seed, cfg, dtype=image_dtype)
+    return {"image": image, "label": ex["label"], "key": ex["key"], "weight": tf.constant(1.0, tf.float32)}
+
+  ds = ds.map(preprocess, num_parallel_calls=npc, deterministic=True)
+  ds = ds.batch(local, drop_remainder=True)
+  num_classes = source.num_classes
+  if teacher_lookup is not None:
+    ds = ds.map(lambda b: _join_teacher(b, teacher_lookup, local, num_classes))
+  if cfg.mixing:
+    def mix(step, batch):
+      batch_seed = tf.random.experimental.stateless_fold_in(
+          tf.stack([base_seed, tf.constant(pi + 1, tf.int64)]), step)
+      out = augment_lib.mix_batch(batch, batch_seed, cfg, num_classes=num_classes)
+      out["image"] = tf.cast(out["image"], cfg.tf_dtype)
+      return out
+    ds = ds.enumerate(start=start_step).map(mix, num_parallel_calls=npc, deterministic=True)
+  return ds.prefetch(prefetch).with_options(_options(num_parallel_calls))
+
+
+def train_batches(source: Source, split: str = "train", *, global_batch_size: int,
+                  mesh: jax.sharding.Mesh | None = None, data_axis: str = "data",
+                  device_prefetch: int = 2, **kwargs) -> Iterator[dict[str, Any]]:
+  """Infinite iterator of training batches (numpy, or sharded jax.Arrays with ``mesh``).
+
+  Keyword arguments are those of ``train_dataset`` (augment, image_size, seed,
+  start_step, shuffle_buffer, num_parallel_calls, prefetch, teacher_lookup, ...).
+  With a mesh, the global batch must divide by the size of its ``data_axis``.
+  """
+  kwargs.setdefault("num_devices", _mesh_devices(mesh, data_axis))
+  ds = train_dataset(source, split, global_batch_size=global_batch_size, **kwargs)
+  it = ds.as_numpy_iterator()
+  if mesh is None:
+    return it
+  return prefetch_to_device(it, mesh, size=device_prefetch, data_axis=data_axis)
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def steps_per_epoch(source: Source, split: str = "train", *, global_batch_size: int) -> int:
+  """Full global batches per pass over ``split``: floor(N / global_batch_size)."""
+  return source.num_examples(split) // global_batch_size
+
+
+def num_eval_batches(source: Source, split: str, *, global_batch_size: int) -> int:
+  """Global batches in one eval pass: ceil(N / global_batch_size)."""
+  return math.ceil(source.num_examples(split) / global_batch_size)
+
+
+def eval_dataset(source: Source, split: str, *, global_batch_size: int,
+                 augment: augment_lib.AugmentConfig | Mapping[str, Any] | None = None,
+                 image_size: int | None = None, num_parallel_calls: int | None = None,
+                 prefetch: int = 2, teacher_lookup: TeacherLookup | None = None,
+                 process_index: int | None = None, process_count: int | None = None,
+                 num_devices: int | None = None) -> tf.data.Dataset:
+  """One host-local pass over ``split`` with eval preprocessing and zero-weight padding.
+
+  ``teacher_lookup`` (optional) also sees the padding rows, whose key is b'': it must
+  return some finite row for that key (their weight is 0).
+  """
+  cfg = augment_lib.as_config(augment, **({"image_size": image_size} if image_size else {}))
+  pi, pc = _process(process_index, process_count)
+  local = local_batch_size(global_batch_size, num_devices=num_devices, process_count=pc)
+  n = source.num_examples(split)
+  if n == 0:
+    raise ValueError(f"split {split!r} of {source.name!r} is empty")
+  num_batches = math.ceil(n / global_batch_size)
+  n_host = len(range(pi, n, pc))
+  npc = _npc(num_parallel_calls)
+  ds = source.records(split)
+  if pc > 1:
+    ds = ds.shard(pc, pi)
+  # Fails loudly at iteration time if the split does not hold exactly the indexed count.
+  ds = ds.apply(tf.data.experimental.assert_cardinality(n_host))
+  if source.load_fn is not None:
+    ds = ds.map(source.load_fn, num_parallel_calls=npc, deterministic=True)
+  dtype = cfg.tf_dtype
+  ds = ds.map(lambda ex: {"image": augment_lib.eval_preprocess(ex["image"], cfg, dtype=dtype),
+                          "label": ex["label"], "key": ex["key"], "weight": tf.constant(1.0, tf.float32)},
+              num_parallel_calls=npc, deterministic=True)
+  size = cfg.image_size
+  pad = {"image": tf.zeros([size, size, 3], dtype), "label": tf.constant(0, tf.int32),
+         "key": tf.constant(b"", tf.string), "weight": tf.constant(0.0, tf.float32)}
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat(num_batches * local - n_host))
+  ds = ds.batch(local, drop_remainder=True)
+  if teacher_lookup is not None:
+    num_classes = source.num_classes
+    ds = ds.map(lambda b: _join_teacher(b, teacher_lookup, local, num_classes))
+  return ds.prefetch(prefetch).with_options(_options(num_parallel_calls))
+
+
+def eval_batches(source: Source, split: str, *, global_batch_size: int, image_size: int | None = None,
+                 mesh: jax.sharding.Mesh | None = None, data_axis: str = "data",
+                 **kwargs) -> Iterator[dict[str, Any]]:
+  """One pass of eval batches {'image','label','key','weight'} (numpy, or jax.Arrays with mesh).
+
+  Every example of the split appears exactly once with weight 1 (over all hosts);
+  padding has weight 0 and key b''. Keyword arguments are those of ``eval_dataset``.
+  """
+  kwargs.setdefault("num_devices", _mesh_devices(mesh, data_axis))
+  ds = eval_dataset(source, split, global_batch_size=global_batch_size, image_size=image_size, **kwargs)
+  it = ds.as_numpy_iterator()
+  if mesh is None:
+    return it
+  return (to_device(b, mesh, data_axis=data_axis) for b in it)
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+def to_device(batch: Mapping[str, Any], mesh: jax.sharding.Mesh, *, data_axis: str = "data") -> dict[str, Any]:
+  """Host-local numpy batch -> global jax.Arrays sharded along ``data_axis`` of ``mesh``.
+
+  Uses ``jax.make_array_from_process_local_data(NamedSharding(mesh, P(data_axis)), x)``
+  for each numeric field (the global batch is the concatenation of the hosts'
+  local batches). String fields ('key') stay host-local numpy arrays.
+  """
+  n = _mesh_devices(mesh, data_axis)
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(data_axis))
+  out = {}
+  for name, value in batch.items():
+    value = np.asarray(value)
+    if value.dtype.kind in "SUO":
+      out[name] = value
+      continue
+    global_rows = value.shape[0] * jax.process_count()
+    if global_rows % n:
+      raise ValueError(f"batch field {name!r} has {global_rows} rows in total, not divisible by the "
+                       f"{n} devices of mesh axis {data_axis!r}")
+    out[name] = jax.make_array_from_process_local_data(sharding, value)
+  return out
+
+
+def prefetch_to_device(iterator: Iterator[Mapping[str, Any]], mesh: jax.sharding.Mesh, *, size: int = 2,
+                       data_axis: str = "data") -> Iterator[dict[str, Any]]:
+  """Keeps ``size`` batches in flight on the devices (transfers are asynchronous)."""
+  queue: collections.deque = collections.deque()
+  for batch in iterator:
+    queue.append(to_device(batch, mesh, data_axis=data_axis))
+    if len(queue) > size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()

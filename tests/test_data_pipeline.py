@@ -1,0 +1,213 @@
+"""Input pipeline: exactly-once eval over 8 devices, sharding, augmentation, determinism, resume.
+
+References are independent: key sets from the meta files / source index, NumPy float64
+normalisation, the MixUp/CutMix definitions.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+
+import jax
+import numpy as np
+import pytest
+
+import jaxkd.data as data
+from jaxkd.data import augment
+import tensorflow as tf
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  return jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+
+
+@pytest.fixture(scope="module")
+def food(shared_data, tmp_path_factory):
+  return data.get_source("food101_local", data_dir=tmp_path_factory.mktemp("tfds"),
+                         manual_dir=shared_data / "food-101-mini")
+
+
+@pytest.fixture(scope="module")
+def cifar(shared_data):
+  return data.get_source("image_folder", manual_dir=shared_data / "cifar10-small" / "test")
+
+
+def test_eval_every_example_exactly_once_on_8_devices(food, mesh):
+  n = food.num_examples("val")
+  assert n == 400
+  batches = list(data.eval_batches(food, "val", global_batch_size=24, image_size=32, mesh=mesh))
+  assert len(batches) == -(-n // 24) == data.num_eval_batches(food, "val", global_batch_size=24)
+  seen, weights, labels = [], [], []
+  for b in batches:
+    assert b["image"].shape == (24, 32, 32, 3)
+    assert b["image"].sharding == jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    w = np.asarray(b["weight"])
+    seen += [k for k, wi in zip(b["key"], w) if wi == 1.0]
+    assert all(k == b"" for k, wi in zip(b["key"], w) if wi == 0.0)
+    weights.append(w)
+    labels.append(np.asarray(b["label"]))
+  assert len(seen) == len(set(seen)) == n
+  assert set(seen) == set(food.index("val")[0].tolist())
+  # Metric "predict class 0 always": the weighted accuracy ignores the padding (which
+  # has label 0); reference = share of class 0 in val = 40 / 400.
+  w, y = np.concatenate(weights), np.concatenate(labels)
+  assert w.sum() == n and (w == 0).sum() == 17 * 24 - n
+  np.testing.assert_allclose(np.sum(w * (y == 0)) / np.sum(w), 40 / 400)
+  assert np.mean(y == 0) != pytest.approx(0.1)  # the unweighted mean would be wrong
+
+
+def test_eval_simulated_hosts_cover_split_once(cifar):
+  expected = set(cifar.index("val")[0].tolist())
+  per_host = []
+  for pi in range(3):
+    ds = data.eval_dataset(cifar, "val", global_batch_size=48, image_size=16, process_index=pi, process_count=3,
+                           num_devices=8)
+    batches = list(ds.as_numpy_iterator())
+    assert all(b["image"].shape[0] == 16 for b in batches)
+    per_host.append((len(batches), [k for b in batches for k, w in zip(b["key"], b["weight"]) if w == 1]))
+  assert len({nb for nb, _ in per_host}) == 1  # hosts stay in lock-step
+  keys = [k for _, ks in per_host for k in ks]
+  assert len(keys) == len(set(keys)) == len(expected) and set(keys) == expected
+
+
+def test_train_batches_sharded_along_data(food, mesh):
+  it = data.train_batches(food, "train", global_batch_size=16, augment={"image_size": 32, "dtype": "bfloat16"},
+                          seed=0, mesh=mesh, shuffle_buffer=256)
+  batch = next(it)
+  spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  for name in ("image", "label", "weight"):
+    assert batch[name].sharding == spec and batch[name].shape[0] == 16
+  assert batch["image"].dtype == jax.numpy.bfloat16 and batch["image"].shape == (16, 32, 32, 3)
+  assert [s.data.shape[0] for s in batch["image"].addressable_shards] == [2] * 8
+  assert batch["key"].shape == (16,) and set(batch["key"].tolist()) <= set(food.index("train")[0].tolist())
+  with pytest.raises(ValueError, match="not a positive multiple of the 8 devices"):
+    data.train_batches(food, "train", global_batch_size=12, augment={"image_size": 32}, mesh=mesh)
+
+
+def test_augment_outputs_shape_dtype_range(shared_data):
+  raw = tf.io.read_file(str(shared_data / "food-101-mini/food-101/images/apple_pie/1005649.jpg"))
+  lo = (0.0 - np.array(augment.MEAN_RGB)) / np.array(augment.STD_RGB)
+  hi = (1.0 - np.array(augment.MEAN_RGB)) / np.array(augment.STD_RGB)
+  seed = tf.constant([3, 4], tf.int64)
+  configs = [
+      dict(image_size=48, color_jitter=(0.4, 0.4, 0.4, 0.1), randaugment_num_ops=2, randaugment_magnitude=9),
+      dict(image_size=48, train_crop="resize_random_crop", autoaugment="imagenet"),
+      dict(image_size=48, dtype="bfloat16"),
+  ]
+  for kw in configs:
+    cfg = augment.AugmentConfig.from_mapping(kw)
+    out = augment.train_preprocess(raw, seed, cfg)
+    assert out.shape == (48, 48, 3) and out.dtype == cfg.tf_dtype
+    x = out.numpy().astype(np.float32)
+    assert np.all(x >= lo - 1e-2) and np.all(x <= hi + 1e-2)
+    np.testing.assert_array_equal(x, augment.train_preprocess(raw, seed, cfg).numpy().astype(np.float32))
+  # Eval: normalisation checked in float64 on an image that needs no resizing (PNG input).
+  pixels = np.random.default_rng(0).integers(0, 256, size=(40, 40, 3), dtype=np.uint8)
+  png = tf.io.encode_png(pixels)
+  out = augment.eval_preprocess(png, augment.AugmentConfig(image_size=40, eval_crop_fraction=1.0)).numpy()
+  ref = (pixels / 255.0 - np.array(augment.MEAN_RGB)) / np.array(augment.STD_RGB)
+  np.testing.assert_allclose(out, ref, atol=1e-5)
+  # Random erasing with p = 1 replaces a box and nothing else.
+  img = tf.zeros([32, 32, 3])
+  erased = augment.random_erasing(img, seed, probability=1.0, mode="pixel").numpy()
+  changed = np.any(erased != 0, axis=-1)
+  rows, cols = np.nonzero(changed)
+  assert changed.sum() == (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+  assert 0.02 * 1024 * 0.5 <= changed.sum() <= 1024 / 3 * 1.5
+
+
+def test_mixup_cutmix_mix_labels_and_teacher_logits():
+  b, c, s = 8, 5, 16
+  labels = tf.constant([0, 1, 2, 3, 4, 0, 1, 2], tf.int32)
+  values = np.arange(b, dtype=np.float32)  # example i is the constant image i
+  batch = {"image": tf.constant(np.broadcast_to(values[:, None, None, None], (b, s, s, 3))), "label": labels,
+           "teacher_logits": tf.one_hot(labels, c) * 3.0}
+  seed = tf.constant([7, 8], tf.int64)
+  mixup = augment.AugmentConfig(image_size=s, mixup_lambda_range=(0.2, 0.4))
+  out = {k: v.numpy() for k, v in augment.mix_batch(batch, seed, mixup, num_classes=c).items()}
+  lam = out["mix_lambda"]
+  assert np.all(lam == lam[0]) and 0.2 <= lam[0] <= 0.4
+  partner = (out["image"][:, 0, 0, 0] - lam * values) / (1 - lam)  # recovers the partner's value
+  partner_idx = np.rint(partner).astype(int)
+  assert sorted(partner_idx.tolist()) == list(range(b))  # a permutation of the batch
+  np.testing.assert_array_equal(out["mix_label"], labels.numpy()[partner_idx])
+  onehot = np.eye(c)
+  ref_soft = lam[:, None] * onehot[labels.numpy()] + (1 - lam[:, None]) * onehot[out["mix_label"]]
+  np.testing.assert_allclose(out["soft_label"], ref_soft, atol=1e-6)
+  np.testing.assert_allclose(out["teacher_logits"], 3.0 * ref_soft, atol=1e-5)
+  cutmix = augment.AugmentConfig(image_size=s, cutmix_alpha=1.0)
+  out = {k: v.numpy() for k, v in augment.mix_batch(batch, seed, cutmix, num_classes=c).items()}
+  kept = (out["image"][..., 0] == values[:, None, None]).mean(axis=(1, 2))
+  paired = kept < 1.0  # examples whose random partner is another example
+  assert paired.sum() >= b - 2 and 0.0 < out["mix_lambda"][0] < 1.0
+  np.testing.assert_allclose(kept[paired], out["mix_lambda"][paired], atol=1e-6)  # lam = kept area
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def test_train_stream_deterministic_and_resumable(cifar):
+  kw = dict(global_batch_size=64, augment={"image_size": 16, "color_jitter": (0.4, 0.4, 0.4, 0.1),
+                                           "mixup_alpha": 0.2, "random_erasing": 0.3})
+  n = cifar.num_examples("val")  # 400: an epoch ends inside batch 7
+  first = _take(data.train_batches(cifar, "val", seed=5, **kw), 8)
+  again = _take(data.train_batches(cifar, "val", seed=5, **kw), 8)
+  other = _take(data.train_batches(cifar, "val", seed=6, **kw), 1)
+  for a, b in zip(first, again):
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+  assert not np.array_equal(first[0]["key"], other[0]["key"])
+  # Epoch 0 is a permutation of the split: its first 6 batches hold distinct split keys.
+  epoch0 = np.concatenate([b["key"] for b in first[:6]])
+  assert len(set(epoch0.tolist())) == 384 and set(epoch0.tolist()) <= set(cifar.index("val")[0].tolist())
+  keys = np.concatenate([b["key"] for b in first])
+  assert collections.Counter(keys[:n].tolist()).most_common(1)[0][1] == 1
+  # Resume inside epoch 0 and across the epoch boundary.
+  for start in (3, 6):
+    resumed = _take(data.train_batches(cifar, "val", seed=5, start_step=start, **kw), 8 - start)
+    for a, b in zip(first[start:], resumed):
+      for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=f"start_step={start}, field {k}")
+
+
+def test_teacher_logits_joined_by_key_after_shuffle(food):
+  keys, _ = food.index("trainval")
+  num_classes = food.num_classes
+  logits = np.random.default_rng(1).normal(size=(len(keys), num_classes)).astype(np.float32)
+  table = tf.lookup.StaticHashTable(
+      tf.lookup.KeyValueTensorInitializer(tf.constant(keys.tolist()), tf.range(len(keys), dtype=tf.int64)), -1)
+  store = tf.constant(logits)
+  row_of = {k: i for i, k in enumerate(keys.tolist())}
+
+  def lookup(batch_keys):
+    return tf.gather(store, table.lookup(batch_keys))
+
+  it = data.train_batches(food, "train", global_batch_size=32, augment={"image_size": 16}, seed=2,
+                          teacher_lookup=lookup, shuffle_buffer=512)
+  for batch in itertools.islice(it, 2):
+    assert batch["teacher_logits"].shape == (32, num_classes) and batch["teacher_logits"].dtype == np.float32
+    np.testing.assert_array_equal(batch["teacher_logits"], logits[[row_of[k] for k in batch["key"]]])
+
+
+def test_pixel_ops_match_pil(shared_data):
+  pil_image = pytest.importorskip("PIL.Image")
+  pil_ops = pytest.importorskip("PIL.ImageOps")
+  path = shared_data / "food-101-mini/food-101/images/baklava/1006121.jpg"
+  if not path.exists():
+    path = next((shared_data / "food-101-mini/food-101/images/baklava").iterdir())
+  img = pil_image.open(path).convert("RGB").resize((64, 48))
+  x = tf.constant(np.asarray(img), tf.float32)
+  no = tf.constant(False)
+  cases = [
+      (augment.op_equalize(x, 0.0, no), pil_ops.equalize(img)),
+      (augment.op_autocontrast(x, 0.0, no), pil_ops.autocontrast(img)),
+      (augment.op_solarize(x, 0.5, no), pil_ops.solarize(img, threshold=128)),
+      (augment.op_posterize(x, 0.5, no), pil_ops.posterize(img, 6)),
+      (augment.op_invert(x, 0.0, no), pil_ops.invert(img)),
+  ]
+  for ours, ref in cases:
+    np.testing.assert_allclose(ours.numpy(), np.asarray(ref, np.float32), atol=1.0)
+  for op in (augment.op_rotate, augment.op_shear_x, augment.op_translate_y, augment.op_color):
+    np.testing.assert_allclose(op(x, 0.0, no).numpy(), x.numpy(), atol=1e-3)  # level 0 = identity
