@@ -1,0 +1,255 @@
+"""Checkpointing for exact resumption: Orbax CheckpointManager + the input position + SIGTERM.
+
+A checkpoint at optimizer step S holds two items:
+
+- 'state': the whole TrainState (step, params, batch_stats, opt_state, rng),
+  saved with ocp.args.StandardSave and restored with StandardRestore onto an
+  abstract target that carries the mesh shardings (so a restored state is
+  already laid out as the train step expects);
+- 'position': a small JSON dict describing where the input pipeline is, e.g.
+  {'epoch': 3, 'step_in_epoch': 120, 'data_seed': 0}, so that the loop can
+  rebuild the data iterator at exactly the next batch.
+
+Retention: the last `keep_last` checkpoints are kept, plus the best
+`keep_best` among those saved with metrics (e.g. val accuracy at the end of an
+epoch), by `best_metric` and `best_mode`; checkpoints without metrics (periodic
+saves) only live through the keep-last rule.
+
+Saves are asynchronous by default (Orbax copies the arrays to host memory
+before `save` returns, so the train step may donate the state afterwards);
+each checkpoint is written to a temporary directory and renamed when complete,
+so a process killed mid-save leaves the previous checkpoints intact.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from typing import Any, Mapping, Optional
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as ocm
+
+from jaxkd.train.state import abstract_state
+
+__all__ = ["Checkpointer", "PreemptionFlag", "install_sigterm_handler"]
+
+PyTree = Any
+
+
+class _DropMetricWarning(logging.Filter):
+  """Orbax warns on every save without metrics once best_fn is set; periodic saves have none by design."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_DropMetricWarning())
+
+
+class Checkpointer:
+  """Periodic / end-of-epoch / best checkpoints of a TrainState and the input position.
+
+  Usage (the loop):
+
+    ckpt = Checkpointer(workdir / 'checkpoints', keep_last=2, keep_best=1,
+                        best_metric='val_accuracy', save_every_steps=500)
+    restored = ckpt.restore_latest(state)          # or None on a fresh start
+    if restored is not None:
+      state, position = restored
+    ...
+    ckpt.maybe_save(state, position)               # after each step (every N steps)
+    ckpt.save(state, position, metrics={'val_accuracy': acc})   # end of epoch
+    ckpt.close()
+
+  `position` must be JSON-serialisable.
+  """
+
+  def __init__(self, directory: str | os.PathLike, *, keep_last: int = 2, keep_best: int = 1,
+               best_metric: str = "val_accuracy", best_mode: str = "max",
+               save_every_steps: Optional[int] = None, async_save: bool = True):
+    if keep_last < 1:
+      raise ValueError(f"keep_last must be >= 1 (the latest checkpoint is needed to resume), got {keep_last}")
+    if keep_best < 0:
+      raise ValueError(f"keep_best must be >= 0, got {keep_best}")
+    if best_mode not in ("max", "min"):
+      raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
+    if save_every_steps is not None and save_every_steps <= 0:
+      raise ValueError(f"save_every_steps must be positive or None, got {save_every_steps}")
+    self.directory = os.path.abspath(os.fspath(directory))
+    self.best_metric = best_metric
+    self.save_every_steps = save_every_steps
+
+    def metric_of(metrics: Mapping[str, Any]) -> float:
+      if best_metric not in metrics:
+        raise KeyError(f"checkpoint metrics {sorted(metrics)} lack best_metric {best_metric!r}")
+      return float(metrics[best_metric])
+
+    policies = [ocm.LatestN(n=keep_last)]
+    if keep_best:
+      policies.append(ocm.BestN(get_metric_fn=metric_of, reverse=(best_mode == "min"), n=keep_best,
+                                keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        best_fn=metric_of, best_mode=best_mode,
+        preservation_policy=ocm.AnyPreservationPolicy(policies),
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True, create=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_names=("state", "position"))
+
+  # -- queries ---------------------------------------------------------------------------------
+  @property
+  def manager(self) -> ocp.CheckpointManager:
+    return self._manager
+
+  def latest_step(self) -> Optional[int]:
+    return self._manager.latest_step()
+
+  def best_step(self) -> Optional[int]:
+    """The step with the best `best_metric` among checkpoints saved with metrics (None if none)."""
+    with_metrics = [s for s in self._manager.all_steps() if self._manager.metrics(s) is not None]
+    if not with_metrics:
+      return None
+    return self._manager.best_step()
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def metrics(self, step: int) -> Optional[dict]:
+    return self._manager.metrics(step)
+
+  # -- saving ----------------------------------------------------------------------------------
+  def save(self, state: PyTree, position: Mapping[str, Any], *,
+           metrics: Optional[Mapping[str, float]] = None) -> bool:
+    """Saves now (at step int(state.step)); returns True if a checkpoint was written.
+
+    If this step is already saved, it is left as is, except when `metrics` are
+    given and the existing one has none (a periodic save at an epoch's last
+    step): then it is rewritten with the metrics so it can count as best.
+    """
+    step = int(jax.device_get(state.step))
+    if step in self._manager.all_steps():
+      if metrics is None or self._manager.metrics(step) is not None:
+        return False
+      self._manager.wait_until_finished()
+      self._manager.delete(step)
+    metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
+    return self._manager.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                position=ocp.args.JsonSave(dict(position))),
+        metrics=metrics, force=True)
+
+  def maybe_save(self, state: PyTree, position: Mapping[str, Any], *, force: bool = False) -> bool:
+    """Saves when step % save_every_steps == 0 (or `force`, e.g. after SIGTERM)."""
+    if force:
+      return self.save(state, position)
+    if self.save_every_steps is None:
+      return False
+    step = int(jax.device_get(state.step))
+    if step % self.save_every_steps:
+      return False
+    return self.save(state, position)
+
+  def wait_until_finished(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  # -- restoring -------------------------------------------------------------------------------
+  def restore(self, target: PyTree, step: Optional[int] = None) -> tuple[PyTree, dict]:
+    """Restores (state, position) at `step` (default: latest) onto `target`'s structure and shardings.
+
+    `target` is a TrainState laid out as training needs it (e.g. the freshly
+    created, replicated state; its values are not used), or a pytree of
+    jax.ShapeDtypeStruct with shardings (`jaxkd.train.state.abstract_state`).
+    """
+    self._manager.wait_until_finished()
+    if step is None:
+      step = self._manager.latest_step()
+      if step is None:
+        raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    abstract = jax.tree.map(
+        lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else abstract_state(x), target)
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                      position=ocp.args.JsonRestore()))
+    return restored["state"], dict(restored["position"])
+
+  def restore_latest(self, target: PyTree) -> Optional[tuple[PyTree, dict]]:
+    """(state, position) from the latest checkpoint, or None if there is none (fresh start)."""
+    if self._manager.latest_step() is None:
+      return None
+    return self.restore(target)
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+class PreemptionFlag:
+  """Set by SIGTERM (and optionally SIGINT); the loop checks it at each step boundary.
+
+    flag = install_sigterm_handler()
+    for batch in data:
+      state, metrics = train_step(state, batch)
+      if flag.requested:
+        ckpt.save(state, position); ckpt.close(); sys.exit(0)
+  """
+
+  def __init__(self):
+    self._event = threading.Event()
+    self.signum: Optional[int] = None
+    self._previous: dict[int, Any] = {}
+
+  @property
+  def requested(self) -> bool:
+    return self._event.is_set()
+
+  def __bool__(self) -> bool:
+    return self.requested
+
+  def set(self, signum: Optional[int] = None) -> None:
+    self.signum = signum
+    self._event.set()
+
+  def uninstall(self) -> None:
+    """Restores the handlers that were installed before."""
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    self._previous.clear()
+
+
+def install_sigterm_handler(*, also_sigint: bool = False) -> PreemptionFlag:
+  """Installs a handler that only sets a flag on SIGTERM (and SIGINT if asked); returns the flag.
+
+  The handler does no I/O: the loop notices `flag.requested` after the current
+  step, saves a checkpoint and exits cleanly. A second signal while the flag is
+  already set falls back to the previous handler's behaviour (default: die), so
+  a stuck process can still be stopped. Must be called from the main thread.
+  """
+  flag = PreemptionFlag()
+  signums = [signal.SIGTERM] + ([signal.SIGINT] if also_sigint else [])
+
+  for signum in signums:
+    previous = signal.getsignal(signum)
+    flag._previous[signum] = previous
+
+    def handler(sig, frame, _previous=previous):
+      if flag.requested:
+        if callable(_previous):
+          _previous(sig, frame)
+        elif _previous == signal.SIG_DFL:
+          signal.signal(sig, signal.SIG_DFL)
+          os.kill(os.getpid(), sig)
+        return
+      flag.set(sig)
+
+    signal.signal(signum, handler)
+  return flag

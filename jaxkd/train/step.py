@@ -1,0 +1,435 @@
+"""One data-parallel train step for every loss, and an eval step.
+
+Data parallelism is `jax.jit` over a device Mesh with a 'data' axis: the batch
+is sharded along 'data' (NamedSharding(mesh, P('data'))), the TrainState and
+teacher variables are replicated (P()), and the state argument is donated.
+Inside the step every array is a *global* array, so:
+
+- every loss is a mean over the global batch (no pmean needed), and gradients
+  are the gradients of that global loss;
+- BatchNorm statistics in training mode are over the global batch: XLA inserts
+  the cross-device reductions (tests/test_train_step.py checks 8 devices == 1);
+- perception reconstruction's per-class statistics are over the global batch
+  without an `axis_name`.
+
+Loss (`LossConfig`, all weights/temperatures may be floats or schedules
+`step -> value`, evaluated at `state.step`):
+
+  total = ce_weight * CE(z_s, y)
+        + kd_weight * warmup(step) * D(z_s', z_t')          (kind != 'ce')
+        + sum_f weight_f * F_f(features_s, features_t)      (optional)
+
+with D = KD (Hinton 2015; REFERENCE 4) for 'kd'/'lskd' or DKD (Zhao et al.
+2022) for 'dkd'; z' = z, or logit_standardize(z) (Sun et al. 2024, kind
+'lskd' or standardize=True), or perception_reconstruct(z) over the global
+batch (seed 004, perception=True). The seed-000 form L = (1-a) CE + a KD is
+kd_alpha=a (sets ce_weight = 1-a, kd_weight = a).
+
+Padding: rows with batch['weight'] == 0 are excluded from every loss, metric
+and the perception statistics, but training-mode BatchNorm statistics *do*
+include them. Training batches are therefore never padded (the loaders drop
+the remainder); padding is for evaluation, where BatchNorm uses running
+statistics and padding is exactly neutral.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxkd import losses
+from jaxkd.train.optim import config_get
+from jaxkd.train.state import TrainState
+
+__all__ = [
+    "FeatureLoss",
+    "LossConfig",
+    "make_train_step",
+    "make_eval_step",
+    "data_mesh",
+    "batch_sharding",
+    "TRAIN_BATCH_KEYS",
+]
+
+HParam = Union[float, Callable[[jax.Array], jax.Array]]
+PyTree = Any
+
+TRAIN_BATCH_KEYS = ("image", "label", "weight", "teacher_logits")
+_KINDS = ("ce", "kd", "dkd", "lskd")
+_FEATURE_KINDS = ("at", "hint", "mmd")
+HPARAM_NAMES = ("ce_weight", "kd_weight", "kd_alpha", "temperature", "alpha", "beta", "warmup")
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureLoss:
+  """A feature-distillation term on `features[student_key]` vs the teacher's `features[teacher_key]`.
+
+  kind: 'at' (attention transfer, Zagoruyko & Komodakis 2017), 'mmd' (Gretton
+    et al. 2012) or 'hint' (FitNets MSE; only for features of identical shapes,
+    since there is no learned regressor here).
+  weight: float or schedule (e.g. 1000 for AT as in the AT paper's code).
+  """
+  kind: str
+  student_key: str
+  teacher_key: Optional[str] = None
+  weight: HParam = 1.0
+
+  def __post_init__(self):
+    if self.kind not in _FEATURE_KINDS:
+      raise ValueError(f"feature loss kind must be one of {_FEATURE_KINDS}, got {self.kind!r}")
+
+  @property
+  def name(self) -> str:
+    return f"{self.kind}_{self.student_key}"
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """What the train step minimises (see module docstring for the formula).
+
+  kind: 'ce' | 'kd' | 'dkd' | 'lskd' ('lskd' = 'kd' with standardize=True).
+  label_smoothing: for the CE term (PyTorch convention).
+  ce_weight, kd_weight: term weights (mdistiller KD: 0.1 / 0.9; DKD: 1.0 / 1.0;
+    LS-KD: 0.1 / 9).
+  kd_alpha: if set, overrides both: ce_weight = 1 - kd_alpha, kd_weight = kd_alpha
+    (REFERENCE 1.4; seed 000).
+  temperature: T of KD/DKD (KD/DKD CIFAR 4, LS-KD 2, ImageNet DKD 1).
+  alpha, beta: DKD's TCKD and NCKD weights (1, 8).
+  warmup: multiplies the distillation term: an int number of steps for the
+    linear min(step / warmup, 1) (0 = off), or a schedule (e.g.
+    jaxkd.schedules.dkd_warmup(20 * steps_per_epoch), mdistiller's DKD warm-up).
+  perception: apply perception reconstruction to student and teacher logits
+    before the distillation loss (statistics over the global batch, padding
+    excluded); perception_eps its epsilon.
+  standardize: logit standardisation before the distillation loss;
+    standardize_eps its epsilon. Exclusive with perception.
+  feature_losses: FeatureLoss terms (need an online teacher).
+  """
+  kind: str = "ce"
+  label_smoothing: float = 0.0
+  ce_weight: HParam = 1.0
+  kd_weight: HParam = 1.0
+  kd_alpha: Optional[HParam] = None
+  temperature: HParam = 4.0
+  alpha: HParam = 1.0
+  beta: HParam = 8.0
+  warmup: Union[int, Callable[[jax.Array], jax.Array]] = 0
+  perception: bool = False
+  perception_eps: float = 1e-6
+  standardize: bool = False
+  standardize_eps: float = 1e-7
+  feature_losses: tuple[FeatureLoss, ...] = ()
+
+  def __post_init__(self):
+    if self.kind not in _KINDS:
+      raise ValueError(f"loss kind must be one of {_KINDS}, got {self.kind!r}")
+    if self.kind == "lskd":
+      object.__setattr__(self, "standardize", True)
+    if self.perception and self.standardize:
+      raise ValueError("perception and standardize (lskd) are alternatives; set only one")
+    if self.kind == "ce" and (self.perception or self.standardize):
+      raise ValueError("perception/standardize need a distillation loss, but kind is 'ce'")
+    feats = tuple(f if isinstance(f, FeatureLoss) else FeatureLoss(**dict(f))
+                  for f in self.feature_losses)
+    object.__setattr__(self, "feature_losses", feats)
+    if not 0.0 <= self.label_smoothing < 1.0:
+      raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+  @property
+  def distills(self) -> bool:
+    return self.kind != "ce"
+
+  @property
+  def needs_teacher(self) -> bool:
+    return self.distills or bool(self.feature_losses)
+
+  @classmethod
+  def from_config(cls, config: Any) -> "LossConfig":
+    """From a Mapping / ConfigDict / object with the field names above (missing ones default)."""
+    if isinstance(config, LossConfig):
+      return config
+    kwargs = {}
+    for field in dataclasses.fields(cls):
+      value = config_get(config, field.name, dataclasses.MISSING)
+      if value is not dataclasses.MISSING:
+        kwargs[field.name] = value
+    if "feature_losses" in kwargs:
+      kwargs["feature_losses"] = tuple(kwargs["feature_losses"] or ())
+    return cls(**kwargs)
+
+
+def _value(h: Any, step: jax.Array) -> jax.Array:
+  """A hyper-parameter's value at `step`: schedules are called, numbers returned as float32."""
+  if callable(h):
+    return jnp.asarray(h(step), jnp.float32)
+  return jnp.asarray(h, jnp.float32)
+
+
+def _warmup_value(w: Any, step: jax.Array) -> jax.Array:
+  if callable(w):
+    return jnp.asarray(w(step), jnp.float32)
+  if not w:
+    return jnp.ones((), jnp.float32)
+  return jnp.minimum(step.astype(jnp.float32) / float(w), 1.0)
+
+
+def data_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """A 1-D Mesh with axis 'data' over `devices` (default: all devices).
+
+  The axis is AxisType.Auto (the compiler propagates shardings), which is what
+  this module's jit-with-shardings style expects; jax.make_mesh defaults to
+  Explicit axes in jax >= 0.7, so it is not used here.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  return jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=devices)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over 'data'; use with jax.device_put / make_array_from_process_local_data."""
+  return NamedSharding(mesh, P("data"))
+
+
+def _topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+  k = min(k, logits.shape[-1])
+  _, idx = jax.lax.top_k(logits, k)
+  return jnp.any(idx == labels[:, None], axis=-1)
+
+
+def _weighted_mean(x: jax.Array, w: jax.Array) -> jax.Array:
+  return jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1e-12)
+
+
+def _apply_with_features(model: nn.Module, variables, images, *, train: bool, features: bool,
+                         **kwargs):
+  """model.apply returning (logits, features or None, mutated)."""
+  call_kwargs = {"train": train}
+  if features:
+    call_kwargs["return_features"] = True
+  out = model.apply(variables, images, **call_kwargs, **kwargs)
+  if "mutable" in kwargs:
+    out, mutated = out
+  else:
+    mutated = {}
+  if features:
+    logits, feats = out
+  else:
+    logits, feats = out, None
+  return logits, feats, mutated
+
+
+def make_train_step(model: nn.Module, loss_config: Any, tx: optax.GradientTransformation,
+                    mesh: Mesh, *, teacher_model: Optional[nn.Module] = None,
+                    learning_rate_fn: Optional[Callable[[jax.Array], jax.Array]] = None,
+                    donate: bool = True) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+  """Builds `train_step(state, batch, teacher_variables=None, hparams=None) -> (state, metrics)`.
+
+  model: the student (a linen Module following the jaxkd models contract); its
+    compute dtype is its own business, logits are cast to float32 for the loss.
+  loss_config: LossConfig or a Mapping/ConfigDict with its fields.
+  tx: the optax transformation the state's opt_state was created with.
+  mesh: a Mesh with a 'data' axis (see `data_mesh`).
+  teacher_model: online teacher (run in eval mode on the same augmented batch,
+    no gradient); its variables are the `teacher_variables` argument of each
+    call (replicated). Without it, teacher logits are read from
+    batch['teacher_logits'] (stored logits).
+  learning_rate_fn: the schedule given to the optimizer; only used to report
+    metrics['learning_rate'] (the rate used by this update, schedule(state.step)).
+  donate: donate the state argument (its buffers are reused for the new state;
+    do not touch the old state after the call).
+
+  batch: dict with 'image' [B,H,W,3], 'label' int32 [B] (or [B,C] soft labels
+    for CE/KD), optional 'weight' float32 [B] (default all ones) and
+    'teacher_logits' float32 [B,C]; other keys are ignored. B must be divisible
+    by the mesh's 'data' size.
+  hparams: optional dict overriding config values by name (any of
+    HPARAM_NAMES, as floats or float32 scalars) without recompiling, e.g.
+    {'temperature': 3.0} from jaxkd.schedules.temperature_from_accuracy.
+
+  metrics (float32 scalars, replicated, weighted over the global batch): loss,
+  ce, kd or dkd, feat_<kind>_<key> per feature loss, accuracy, learning_rate
+  (if learning_rate_fn), temperature / kd_weight_eff (when distilling),
+  grad_norm, num_examples.
+  """
+  cfg = LossConfig.from_config(loss_config)
+  if "data" not in mesh.axis_names:
+    raise ValueError(f"mesh must have a 'data' axis, got axes {mesh.axis_names}")
+  if cfg.feature_losses and teacher_model is None:
+    raise ValueError("feature losses need an online teacher: pass teacher_model (and teacher_variables "
+                     "to each call)")
+  need_feats = bool(cfg.feature_losses)
+
+  def step_fn(state: TrainState, batch: dict, teacher_variables: Optional[PyTree],
+              hparams: Optional[dict]) -> tuple[TrainState, dict]:
+    step = state.step
+    hp = dict(hparams or {})
+    unknown = set(hp) - set(HPARAM_NAMES)
+    if unknown:
+      raise ValueError(f"unknown hparams {sorted(unknown)}; allowed: {HPARAM_NAMES}")
+
+    def get(name):
+      if name in hp:
+        return jnp.asarray(hp[name], jnp.float32)
+      if name == "warmup":
+        return _warmup_value(cfg.warmup, step)
+      return _value(getattr(cfg, name), step)
+
+    images = batch["image"]
+    labels = batch["label"]
+    weights = batch.get("weight")
+    weights = (jnp.ones(labels.shape[:1], jnp.float32) if weights is None
+               else weights.astype(jnp.float32))
+    int_labels = labels if labels.ndim == 1 else jnp.argmax(labels, axis=-1)
+
+    # Teacher outputs (no gradient).
+    t_logits = t_feats = None
+    if cfg.needs_teacher:
+      if teacher_model is not None:
+        if teacher_variables is None:
+          raise ValueError("teacher_model was given to make_train_step, so each call needs "
+                           "teacher_variables")
+        t_logits, t_feats, _ = _apply_with_features(teacher_model, teacher_variables, images,
+                                                    train=False, features=need_feats)
+        t_logits = jax.lax.stop_gradient(t_logits.astype(jnp.float32))
+        t_feats = jax.lax.stop_gradient(t_feats)
+      elif "teacher_logits" in batch:
+        t_logits = jax.lax.stop_gradient(batch["teacher_logits"].astype(jnp.float32))
+      else:
+        raise ValueError(f"loss kind {cfg.kind!r} needs teacher logits: put 'teacher_logits' in the "
+                         "batch or pass teacher_model to make_train_step")
+
+    if cfg.kd_alpha is not None or "kd_alpha" in hp:
+      a = get("kd_alpha")
+      ce_w, kd_w = 1.0 - a, a
+    else:
+      ce_w, kd_w = get("ce_weight"), get("kd_weight")
+    temperature = get("temperature")
+    warm = get("warmup")
+    dropout_rng = jax.random.fold_in(state.rng, step)
+
+    def loss_fn(params):
+      variables = {"params": params}
+      if state.batch_stats:
+        variables["batch_stats"] = state.batch_stats
+      logits, feats, mutated = _apply_with_features(
+          model, variables, images, train=True, features=need_feats,
+          mutable=["batch_stats"], rngs={"dropout": dropout_rng})
+      logits = logits.astype(jnp.float32)
+      terms = {"ce": losses.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing,
+                                          weights=weights)}
+      total = ce_w * terms["ce"]
+      if cfg.distills:
+        zs, zt = logits, t_logits
+        if cfg.standardize:
+          zs = losses.logit_standardize(zs, eps=cfg.standardize_eps)
+          zt = losses.logit_standardize(zt, eps=cfg.standardize_eps)
+        if cfg.perception:
+          zs = losses.perception_reconstruct(zs, eps=cfg.perception_eps, weights=weights)
+          zt = losses.perception_reconstruct(zt, eps=cfg.perception_eps, weights=weights)
+        if cfg.kind == "dkd":
+          terms["dkd"] = losses.dkd_loss(zs, zt, int_labels, alpha=get("alpha"), beta=get("beta"),
+                                         temperature=temperature, weights=weights)
+          total = total + kd_w * warm * terms["dkd"]
+        else:
+          terms["kd"] = losses.kd_loss(zs, zt, temperature=temperature, weights=weights)
+          total = total + kd_w * warm * terms["kd"]
+      for f in cfg.feature_losses:
+        fs = feats[f.student_key]
+        ft = t_feats[f.teacher_key or f.student_key]
+        if f.kind == "at":
+          value = losses.attention_transfer_loss(fs, ft, weights=weights)
+        elif f.kind == "mmd":
+          value = losses.mmd_loss(fs, ft, weights=weights)
+        else:
+          value = losses.hint_loss(fs, ft, weights=weights)
+        terms[f"feat_{f.name}"] = value
+        total = total + _value(f.weight, step) * value
+      return total, (terms, logits, mutated)
+
+    (total, (terms, logits, mutated)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=step + 1, params=params,
+                              batch_stats=mutated.get("batch_stats", state.batch_stats),
+                              opt_state=opt_state)
+
+    correct = (jnp.argmax(logits, axis=-1) == int_labels).astype(jnp.float32)
+    metrics = {"loss": total, **terms,
+               "accuracy": _weighted_mean(correct, weights),
+               "grad_norm": optax.tree.norm(grads),
+               "num_examples": jnp.sum(weights)}
+    if learning_rate_fn is not None:
+      metrics["learning_rate"] = jnp.asarray(learning_rate_fn(step), jnp.float32)
+    if cfg.distills:
+      metrics["temperature"] = temperature
+      metrics["kd_weight_eff"] = kd_w * warm
+    return new_state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
+
+  replicated = NamedSharding(mesh, P())
+  jitted = jax.jit(step_fn,
+                   in_shardings=(replicated, batch_sharding(mesh), replicated, replicated),
+                   out_shardings=(replicated, replicated),
+                   donate_argnums=(0,) if donate else ())
+
+  def train_step(state: TrainState, batch: Mapping[str, Any], teacher_variables: Optional[PyTree] = None,
+                 hparams: Optional[Mapping[str, Any]] = None) -> tuple[TrainState, dict]:
+    arrays = {k: batch[k] for k in TRAIN_BATCH_KEYS if k in batch}
+    hp = None if not hparams else {k: jnp.asarray(v, jnp.float32) for k, v in hparams.items()}
+    return jitted(state, arrays, teacher_variables, hp)
+
+  train_step.jitted = jitted  # for .lower(...) / cost analysis
+  train_step.loss_config = cfg
+  return train_step
+
+
+def make_eval_step(model: nn.Module, mesh: Mesh) -> Callable[..., dict[str, jax.Array]]:
+  """Builds `eval_step(state_or_variables, batch) -> per-example outputs` (eval mode, BN running stats).
+
+  `state_or_variables`: a TrainState, or a variables dict ({'params', 'batch_stats'}),
+  e.g. a teacher's. `batch`: 'image', 'label' int32 [B], optional 'weight'.
+  Returns per-example arrays, sharded along 'data' like the batch (np.asarray
+  gathers them), with padding rows zeroed in the counts:
+
+    correct1, correct5: float32 [B], 1 if the label is the arg-max / in the top
+      5 (top-min(5, C)) and weight > 0, else 0;
+    ce: float32 [B], per-example cross-entropy (0 for padding);
+    logits: float32 [B, C] (e.g. to store as teacher logits);
+    label: int32 [B]; weight: float32 [B].
+
+  Top-1 = sum(correct1) / sum(weight > 0); per-class accuracy and the confusion
+  matrix come from argmax(logits), label and weight.
+  """
+  if "data" not in mesh.axis_names:
+    raise ValueError(f"mesh must have a 'data' axis, got axes {mesh.axis_names}")
+
+  def eval_fn(variables: PyTree, batch: dict) -> dict:
+    logits = model.apply(variables, batch["image"], train=False).astype(jnp.float32)
+    labels = batch["label"]
+    weights = batch.get("weight")
+    weights = (jnp.ones(labels.shape[:1], jnp.float32) if weights is None
+               else weights.astype(jnp.float32))
+    real = (weights > 0).astype(jnp.float32)
+    ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
+    return {"correct1": _topk_correct(logits, labels, 1).astype(jnp.float32) * real,
+            "correct5": _topk_correct(logits, labels, 5).astype(jnp.float32) * real,
+            "ce": jnp.where(real > 0, ce, 0.0),
+            "logits": logits, "label": labels.astype(jnp.int32), "weight": weights}
+
+  replicated = NamedSharding(mesh, P())
+  sharded = batch_sharding(mesh)
+  jitted = jax.jit(eval_fn, in_shardings=(replicated, sharded), out_shardings=sharded)
+
+  def eval_step(state_or_variables: Any, batch: Mapping[str, Any]) -> dict:
+    variables = (state_or_variables.variables() if isinstance(state_or_variables, TrainState)
+                 else state_or_variables)
+    arrays = {k: batch[k] for k in ("image", "label", "weight") if k in batch}
+    return jitted(variables, arrays)
+
+  eval_step.jitted = jitted
+  return eval_step
