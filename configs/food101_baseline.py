@@ -1,0 +1,12 @@
+"""Seed 000's baseline: MobileNetV3-Large without ECA and without KD (cross-entropy only)."""
+from configs import common, food101_eca
+
+
+def get_config():
+  c = food101_eca.get_config()
+  c.name = "Food-101: MobileNetV3-Large baseline, CE only (seed 000)"
+  c.teacher.enabled = False
+  c.student.model = "mobilenet_v3_large"
+  c.student.teacher = "none"
+  c.student.loss = common.loss("ce")
+  return c

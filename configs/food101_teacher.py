@@ -1,0 +1,13 @@
+"""Only the teacher of seed 000: fine-tune ImageNet ResNet-50 on Food-101 for 3 epochs and evaluate.
+
+  python main.py --config=configs/food101_teacher.py --workdir=runs/food101_teacher \
+      --config.teacher.pretrained=~/weights/resnet50-torchvision.safetensors
+"""
+from configs import food101_eca
+
+
+def get_config():
+  c = food101_eca.get_config()
+  c.name = "Food-101: ResNet-50 teacher (seed 000)"
+  c.student.enabled = False
+  return c
