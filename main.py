@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)",
@@ -38,6 +38,7 @@ def _multihost_environment() -> bool:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # TFDS logs every dataset it opens at INFO
   import jax
   if _DISTRIBUTED.value == "yes" or (_DISTRIBUTED.value == "auto" and _multihost_environment()):
     jax.distributed.initialize()

@@ -7,8 +7,8 @@ batch 32, mixed precision (bfloat16 on GPU/TPU). Data: TFDS food101, 80/20 split
 the official training images into train/val, official test as test; images
 resized to a longest side of 512, random crop, flip, colour jitter.
 
-  python main.py --config=configs/food101_eca.py --workdir=runs/food101_eca \
-      --config.teacher.pretrained=~/weights/resnet50-torchvision.safetensors
+  python main.py --config=configs/food101_eca.py --workdir=runs/food101_eca
+  (or --config.teacher.pretrained=~/weights/resnet50.safetensors for a local checkpoint)
 
 With the archive already extracted: --config.data.name=food101_local --config.data.manual_dir=~/data
 """
@@ -25,6 +25,9 @@ def get_config():
   c.augment.color_jitter = (0.2, 0.2, 0.2, 0.05)
 
   c.teacher.model = "resnet50"
+  # torchvision's ImageNet weights, downloaded to ~/.cache/jaxkd (the .pth needs torch to read; or give a
+  # local .safetensors path).
+  c.teacher.pretrained = "torchvision:IMAGENET1K_V1"
   c.teacher.epochs = 3
   c.teacher.batch_size = 32
   c.teacher.optimizer = common.optimizer("adam", learning_rate=3e-4, weight_decay=1e-4, schedule="one_cycle")

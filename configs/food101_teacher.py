@@ -1,7 +1,6 @@
 """Only the teacher of seed 000: fine-tune ImageNet ResNet-50 on Food-101 for 3 epochs and evaluate.
 
-  python main.py --config=configs/food101_teacher.py --workdir=runs/food101_teacher \
-      --config.teacher.pretrained=~/weights/resnet50-torchvision.safetensors
+  python main.py --config=configs/food101_teacher.py --workdir=runs/food101_teacher
 """
 from configs import food101_eca
 

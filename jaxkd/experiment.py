@@ -140,9 +140,12 @@ def validate(config, *, num_devices: Optional[int] = None) -> None:
         raise ConfigError("feature losses need the teacher's features: set config.student.teacher='online'")
   if config.teacher.enabled and int(config.teacher.epochs) == 0 and not config.teacher.get("pretrained"):
     raise ConfigError("config.teacher.epochs=0 needs config.teacher.pretrained=<checkpoint path>")
-  if config.teacher.get("pretrained") and not pathlib.Path(os.path.expanduser(config.teacher.pretrained)).is_file():
-    raise ConfigError(f"config.teacher.pretrained={config.teacher.pretrained!r} is not a file; download the "
-                      "PyTorch checkpoint (.safetensors or .pth) first")
+  for role in ("teacher", "student"):
+    path = config[role].get("pretrained")
+    if path and not path.startswith("torchvision") and not pathlib.Path(os.path.expanduser(path)).is_file():
+      raise ConfigError(f"config.{role}.pretrained={path!r} is not a file: give a PyTorch checkpoint "
+                        "(.safetensors, or .pth with torch installed) or 'torchvision' / "
+                        "'torchvision:IMAGENET1K_V2' to download torchvision's ImageNet weights")
   for split in config.evaluate.splits:
     if split not in ("train", "val", "test"):
       raise ConfigError(f"config.evaluate.splits contains {split!r}; use 'train', 'val' or 'test'")
@@ -229,6 +232,11 @@ def _load_variables(path: pathlib.Path, model, image_size: int):
     return ckptr.restore(path.resolve(), abstract)
 
 
+def _pretrained_path(path: str) -> str:
+  """A checkpoint file (user-expanded) or a 'torchvision[:WEIGHTS]' download spec, as load_pretrained takes."""
+  return path if path.startswith("torchvision") else os.path.expanduser(path)
+
+
 def _create(stage, num_classes: int, dtype):
   return models.create(stage.model, num_classes=num_classes, dtype=dtype, **dict(stage.get("model_kwargs", {})))
 
@@ -281,8 +289,8 @@ def _teacher(ctx: _Context):
   init = None
   if stage.get("pretrained"):
     _log(f"teacher: importing pretrained weights from {stage.pretrained}")
-    init = models.load_pretrained(stage.model, os.path.expanduser(stage.pretrained),
-                                  num_classes=ctx.source.num_classes)
+    init = models.load_pretrained(stage.model, _pretrained_path(stage.pretrained),
+                                  num_classes=ctx.source.num_classes, model_kwargs=dict(stage.get("model_kwargs", {})))
   if int(stage.epochs) == 0:
     _save_variables(_variables_dir(ctx.workdir, "teacher"), init)
     ctx.workdir.mark("teacher", {"steps": 0, "val": None, "pretrained": stage.pretrained})
@@ -394,7 +402,8 @@ def _student(ctx: _Context, teacher_model, teacher_variables):
        f"(teacher: {teacher_source}) for {cfg.epochs} epochs")
   init = None
   if cfg.get("pretrained"):
-    init = models.load_pretrained(cfg.model, os.path.expanduser(cfg.pretrained), num_classes=ctx.source.num_classes)
+    init = models.load_pretrained(cfg.model, _pretrained_path(cfg.pretrained), num_classes=ctx.source.num_classes,
+                                  model_kwargs=dict(cfg.get("model_kwargs", {})))
   online = teacher_source == "online"
   return _train_stage(ctx, "student", teacher_model=teacher_model if online else None,
                       teacher_variables=teacher_variables if online else None, teacher_lookup=lookup,
