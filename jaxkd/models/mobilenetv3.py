@@ -11,7 +11,10 @@ Architecture (torchvision `mobilenet_v3_large` / `mobilenet_v3_small`, dilation 
   avgpool -> classifier.0 Linear(960 -> 1280 | 576 -> 1024) -> hard-swish -> classifier.2 Dropout(0.2)
           -> classifier.3 Linear(-> num_classes)
 Channel counts are make_divisible(c * width_mult, 8), the classifier width too.
-BatchNorm eps 1e-3, PyTorch momentum 0.01 (Flax momentum 0.99). Convs: kaiming-normal fan-out, no bias
+BatchNorm eps 1e-3, PyTorch momentum 0.01 (Flax momentum 0.99), torchvision's choice for long ImageNet runs;
+`bn_momentum` (Flax convention) changes it: with 0.99 the running statistics need thousands of steps to
+settle, so a run of a few hundred steps evaluates with stale statistics (constant predictions); use 0.9
+(PyTorch's default 0.1) for short runs. Convs: kaiming-normal fan-out, no bias
 (SE 1x1 convs have a zero-initialised bias); Linear: N(0, 0.01), zero bias. Dropout draws from the 'dropout'
 rng only when train=True.
 
@@ -132,6 +135,7 @@ class ConvBNAct(nn.Module):
   activation: Optional[str] = None
   dtype: Any = jnp.float32
   bn_axis_name: Optional[str] = None
+  bn_momentum: float = _BN_MOMENTUM
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -144,7 +148,7 @@ class ConvBNAct(nn.Module):
       x = nn.Conv(self.features, (self.kernel, self.kernel), strides=(self.stride, self.stride),
                   padding=((p, p), (p, p)), use_bias=False, kernel_init=conv_kernel_init, dtype=self.dtype,
                   param_dtype=jnp.float32, name="conv")(x)
-    x = batch_norm(train, axis_name=self.bn_axis_name, momentum=_BN_MOMENTUM, epsilon=_BN_EPS, dtype=self.dtype,
+    x = batch_norm(train, axis_name=self.bn_axis_name, momentum=self.bn_momentum, epsilon=_BN_EPS, dtype=self.dtype,
                    name="bn")(x)
     return _ACTIVATIONS[self.activation](x)
 
@@ -163,11 +167,12 @@ class InvertedResidual(nn.Module):
   attention: str = "se"
   dtype: Any = jnp.float32
   bn_axis_name: Optional[str] = None
+  bn_momentum: float = _BN_MOMENTUM
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     cfg = self.config
-    kw = dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name)
+    kw = dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name, bn_momentum=self.bn_momentum)
     index = 0
     y = x
     if cfg.expanded_channels != cfg.input_channels:
@@ -196,6 +201,7 @@ class MobileNetV3(nn.Module):
   stage_attention: Optional[str] = None
   dtype: Any = jnp.float32
   bn_axis_name: Optional[str] = None
+  bn_momentum: float = _BN_MOMENTUM
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
@@ -206,7 +212,7 @@ class MobileNetV3(nn.Module):
     scale = lambda c: make_divisible(c * self.width_mult, 8)  # noqa: E731
     blocks = [BlockConfig(scale(c.input_channels), c.kernel, scale(c.expanded_channels), scale(c.out_channels),
                           c.use_se, c.activation, c.stride) for c in self.config]
-    kw = dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name)
+    kw = dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name, bn_momentum=self.bn_momentum)
     # Layers in order as (name, stride, apply-fn); stages are derived from the cumulative stride.
     layers = [("features_0", 2, ConvBNAct(blocks[0].input_channels, 3, 2, activation="HS", name="features_0", **kw))]
     for i, cfg in enumerate(blocks, start=1):
@@ -247,24 +253,28 @@ class MobileNetV3(nn.Module):
 @register("mobilenet_v3_large")
 def mobilenet_v3_large(*, num_classes: int, dtype=jnp.float32, bn_axis_name: Optional[str] = None,
                        width_mult: float = 1.0, dropout: float = 0.2, attention: str = "se",
-                       stage_attention: Optional[str] = None) -> MobileNetV3:
+                       stage_attention: Optional[str] = None, bn_momentum: float = _BN_MOMENTUM) -> MobileNetV3:
   """MobileNetV3-Large (torchvision); 5,483,032 parameters at 1000 classes, width 1."""
   return MobileNetV3(LARGE, LARGE_LAST_CHANNEL, num_classes=num_classes, width_mult=width_mult, dropout=dropout,
-                     attention=attention, stage_attention=stage_attention, dtype=dtype, bn_axis_name=bn_axis_name)
+                     attention=attention, stage_attention=stage_attention, dtype=dtype, bn_axis_name=bn_axis_name,
+                     bn_momentum=bn_momentum)
 
 
 @register("mobilenet_v3_small")
 def mobilenet_v3_small(*, num_classes: int, dtype=jnp.float32, bn_axis_name: Optional[str] = None,
                        width_mult: float = 1.0, dropout: float = 0.2, attention: str = "se",
-                       stage_attention: Optional[str] = None) -> MobileNetV3:
+                       stage_attention: Optional[str] = None, bn_momentum: float = _BN_MOMENTUM) -> MobileNetV3:
   """MobileNetV3-Small (torchvision); 2,542,856 parameters at 1000 classes, width 1."""
   return MobileNetV3(SMALL, SMALL_LAST_CHANNEL, num_classes=num_classes, width_mult=width_mult, dropout=dropout,
-                     attention=attention, stage_attention=stage_attention, dtype=dtype, bn_axis_name=bn_axis_name)
+                     attention=attention, stage_attention=stage_attention, dtype=dtype, bn_axis_name=bn_axis_name,
+                     bn_momentum=bn_momentum)
 
 
 @register("mobilenet_v3_large_eca")
 def mobilenet_v3_large_eca(*, num_classes: int, dtype=jnp.float32, bn_axis_name: Optional[str] = None,
-                           width_mult: float = 1.0, dropout: float = 0.2, attention: str = "se") -> MobileNetV3:
+                           width_mult: float = 1.0, dropout: float = 0.2, attention: str = "se",
+                           bn_momentum: float = _BN_MOMENTUM) -> MobileNetV3:
   """Seed 000's student: MobileNetV3-Large, SE inside blocks, ECA at the end of each of the 5 stages."""
   return MobileNetV3(LARGE, LARGE_LAST_CHANNEL, num_classes=num_classes, width_mult=width_mult, dropout=dropout,
-                     attention=attention, stage_attention="eca", dtype=dtype, bn_axis_name=bn_axis_name)
+                     attention=attention, stage_attention="eca", dtype=dtype, bn_axis_name=bn_axis_name,
+                     bn_momentum=bn_momentum)
