@@ -97,7 +97,8 @@ class LossConfig:
   ce_weight, kd_weight: term weights (mdistiller KD: 0.1 / 0.9; DKD: 1.0 / 1.0;
     LS-KD: 0.1 / 9).
   kd_alpha: if set, overrides both: ce_weight = 1 - kd_alpha, kd_weight = kd_alpha
-    (REFERENCE 1.4; seed 000).
+    (REFERENCE 1.4; seed 000). Ignored for kind 'ce' (plain CE, weight ce_weight), so a
+    KD config turned into its CE baseline by `kind='ce'` trains with the full CE.
   temperature: T of KD/DKD (KD/DKD CIFAR 4, LS-KD 2, ImageNet DKD 1).
   alpha, beta: DKD's TCKD and NCKD weights (1, 8).
   warmup: multiplies the distillation term: an int number of steps for the
@@ -303,7 +304,7 @@ def make_train_step(model: nn.Module, loss_config: Any, tx: optax.GradientTransf
         raise ValueError(f"loss kind {cfg.kind!r} needs teacher logits: put 'teacher_logits' in the "
                          "batch or pass teacher_model to make_train_step")
 
-    if cfg.kd_alpha is not None or "kd_alpha" in hp:
+    if cfg.distills and (cfg.kd_alpha is not None or "kd_alpha" in hp):
       a = get("kd_alpha")
       ce_w, kd_w = 1.0 - a, a
     else:
