@@ -202,10 +202,6 @@ def _topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
   return jnp.any(idx == labels[:, None], axis=-1)
 
 
-def _weighted_mean(x: jax.Array, w: jax.Array) -> jax.Array:
-  return jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1e-12)
-
-
 def _apply_with_features(model: nn.Module, variables, images, *, train: bool, features: bool,
                          **kwargs):
   """model.apply returning (logits, features or None, mutated)."""
@@ -362,7 +358,7 @@ def make_train_step(model: nn.Module, loss_config: Any, tx: optax.GradientTransf
 
     correct = (jnp.argmax(logits, axis=-1) == int_labels).astype(jnp.float32)
     metrics = {"loss": total, **terms,
-               "accuracy": _weighted_mean(correct, weights),
+               "accuracy": losses.weighted_mean(correct, weights),
                "grad_norm": optax.tree.norm(grads),
                "num_examples": jnp.sum(weights)}
     if learning_rate_fn is not None:
