@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxkd import models
-from jaxkd.train import optim
+from jaxkd.train.state import replicate
 from jaxkd.train.step import LossConfig
 
 __all__ = ["STAGES", "run", "validate", "compute_dtype", "ConfigError"]
@@ -42,7 +42,7 @@ _OPTIMIZER_KEYS = {"optimizer", "learning_rate", "weight_decay", "decay_1d_param
                    "warmup_steps"}
 _STAGE_KEYS = {"model", "model_kwargs", "pretrained", "epochs", "batch_size", "optimizer", "loss",
                "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "max_steps",
-               "eval_every_epochs", "enabled", "teacher", "init_from_pretrained"}
+               "eval_every_epochs", "enabled", "teacher"}
 
 
 class ConfigError(ValueError):
@@ -232,9 +232,15 @@ def _load_variables(path: pathlib.Path, model, image_size: int):
     return ckptr.restore(path.resolve(), abstract)
 
 
-def _pretrained_path(path: str) -> str:
-  """A checkpoint file (user-expanded) or a 'torchvision[:WEIGHTS]' download spec, as load_pretrained takes."""
-  return path if path.startswith("torchvision") else os.path.expanduser(path)
+def _pretrained_variables(ctx: "_Context", role: str):
+  """Variables imported from config.<role>.pretrained (a checkpoint file or 'torchvision[:WEIGHTS]'), or None."""
+  stage = ctx.config[role]
+  path = stage.get("pretrained")
+  if not path:
+    return None
+  _log(f"{role}: importing pretrained weights from {path}")
+  return models.load_pretrained(stage.model, path if path.startswith("torchvision") else os.path.expanduser(path),
+                                num_classes=ctx.source.num_classes, model_kwargs=dict(stage.get("model_kwargs", {})))
 
 
 def _create(stage, num_classes: int, dtype):
@@ -286,11 +292,7 @@ def _teacher(ctx: _Context):
   model = _create(stage, ctx.source.num_classes, ctx.dtype)
   if ctx.workdir.done("teacher"):
     return model, _load_variables(_variables_dir(ctx.workdir, "teacher"), model, _image_size(ctx.config))
-  init = None
-  if stage.get("pretrained"):
-    _log(f"teacher: importing pretrained weights from {stage.pretrained}")
-    init = models.load_pretrained(stage.model, _pretrained_path(stage.pretrained),
-                                  num_classes=ctx.source.num_classes, model_kwargs=dict(stage.get("model_kwargs", {})))
+  init = _pretrained_variables(ctx, "teacher")
   if int(stage.epochs) == 0:
     _save_variables(_variables_dir(ctx.workdir, "teacher"), init)
     ctx.workdir.mark("teacher", {"steps": 0, "val": None, "pretrained": stage.pretrained})
@@ -326,7 +328,7 @@ def _teacher_store(ctx: _Context, teacher_model, teacher_variables):
   else:
     _log(f"teacher_logits: precomputing {tid} on {ctx.source.name}/{split} into {store_dir}")
     eval_step = make_eval_step(teacher_model, ctx.mesh)
-    variables = jax.device_put(teacher_variables, jax.sharding.NamedSharding(ctx.mesh, jax.sharding.PartitionSpec()))
+    variables = replicate(teacher_variables, ctx.mesh)
     batch_size = int(ctx.config.teacher_logits.get("batch_size", ctx.config.evaluate.batch_size))
 
     def batches(start_batch: int = 0):
@@ -362,7 +364,7 @@ def _evaluate_stage(ctx: _Context, roles: dict) -> dict:
   bs = int(ctx.config.evaluate.batch_size)
   for role, (model, variables) in roles.items():
     eval_step = make_eval_step(model, ctx.mesh)
-    on_mesh = jax.device_put(variables, jax.sharding.NamedSharding(ctx.mesh, jax.sharding.PartitionSpec()))
+    on_mesh = replicate(variables, ctx.mesh)
     for split in ctx.config.evaluate.splits:
       path = out_dir / f"{role}_{split}.json"
       if path.exists():
@@ -400,10 +402,7 @@ def _student(ctx: _Context, teacher_model, teacher_variables):
     return model, _load_variables(_variables_dir(wd, "student"), model, _image_size(ctx.config))
   _log(f"student: training {cfg.model} with loss {loss.kind}{' + perception' if loss.perception else ''} "
        f"(teacher: {teacher_source}) for {cfg.epochs} epochs")
-  init = None
-  if cfg.get("pretrained"):
-    init = models.load_pretrained(cfg.model, _pretrained_path(cfg.pretrained), num_classes=ctx.source.num_classes,
-                                  model_kwargs=dict(cfg.get("model_kwargs", {})))
+  init = _pretrained_variables(ctx, "student")
   online = teacher_source == "online"
   return _train_stage(ctx, "student", teacher_model=teacher_model if online else None,
                       teacher_variables=teacher_variables if online else None, teacher_lookup=lookup,
