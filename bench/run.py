@@ -11,7 +11,8 @@ held by one process at a time):
 * student: one distillation training step of MobileNetV3-Large + ECA (`mobilenet_v3_large_eca`) from
   stored teacher logits (synthetic `teacher_logits` in the batch), for the losses CE, KD (seed 000:
   0.5 CE + 0.5 T^2 KL, T = 4), DKD (alpha 1, beta 8, T 4) and DKD + perception reconstruction;
-  step time, images/s, overhead vs CE, XLA compile time.
+  step time, images/s, overhead vs CE, XLA compile time. The losses run interleaved repeat by repeat
+  (paired ratios to CE), and once more on a one-layer network, which isolates the losses' own cost.
 * teacher: ResNet-50 inference (the eval step: the teacher-logit precompute) and CE training step.
 * input: tf.data preprocessing images/s (bench/bench_input.py), only where TensorFlow and
   ../shared/data/food-101-mini exist.
@@ -210,7 +211,7 @@ def time_steps(step: Callable[[Any], Any], carry: Any, *, steps: int, warmup: in
 
 
 def _train_rows(role: str, model_name: str, model, losses: Sequence[tuple[str, str, dict]], lr: float,
-                mesh, dtype, batch, args, macs: float) -> list[dict]:
+                mesh, dtype, batch, args, macs: float, verbose: bool = True) -> list[dict]:
   import jax
 
   from jaxkd.train import optim as optim_lib
@@ -224,22 +225,37 @@ def _train_rows(role: str, model_name: str, model, losses: Sequence[tuple[str, s
                                        mesh=mesh)
   params = sum(x.size for x in jax.tree.leaves(state.params))
   arrays = {k: batch[k] for k in step_lib.TRAIN_BATCH_KEYS}
-  rows = []
+  compiled = {}
   for key, label, loss_kwargs in losses:
     train_step = step_lib.make_train_step(model, step_lib.LossConfig(**loss_kwargs), tx, mesh,
                                           learning_rate_fn=schedule)
     start = time.perf_counter()
-    compiled = train_step.jitted.lower(state, arrays, None, None).compile()
-    compile_s = time.perf_counter() - start
-    times, (state, metrics) = time_steps(lambda c: compiled(c[0], arrays, None, None), (state, None),
-                                         steps=args.steps, warmup=args.warmup, repeats=args.repeats)
-    loss = float(metrics["loss"])
+    compiled[key] = (train_step.jitted.lower(state, arrays, None, None).compile(), time.perf_counter() - start)
+  # One state per loss (each step donates its state); the losses run interleaved, repeat by repeat, so a
+  # slow phase of the machine hits every loss alike and the paired ratios to CE cancel it.
+  carries = {key: (jax.tree.map(lambda a: a.copy(), state), None) for key, _, _ in losses}
+  steps = {key: (lambda c, fn=fn: fn(c[0], arrays, None, None)) for key, (fn, _) in compiled.items()}
+  for key in steps:  # untimed warm-up
+    _, carries[key] = time_steps(steps[key], carries[key], steps=0, warmup=args.warmup, repeats=0)
+  times: dict[str, list[float]] = {key: [] for key in steps}
+  for _ in range(args.repeats):
+    for key in steps:
+      seconds, carries[key] = time_steps(steps[key], carries[key], steps=args.steps, warmup=0, repeats=1)
+      times[key] += seconds
+  rows = []
+  for key, label, _ in losses:
+    loss = float(carries[key][1]["loss"])
     if not math.isfinite(loss):
       raise FloatingPointError(f"{model_name} {label}: loss {loss} after {args.warmup + args.steps} steps")
-    rows.append(_row(role, model_name, "train", label, key, params, compile_s, times, args, 6.0 * macs,
-                     dtype_name=args.dtype, final_loss=loss))
-    print(f"  {model_name} train {label:16s} compile {compile_s:6.1f} s  {rows[-1]['step_ms']:9.1f} ms/step "
-          f"{rows[-1]['images_per_s']:9.1f} img/s", flush=True)
+    extra = {}
+    if "ce" in times and key != "ce":
+      extra["vs_ce"] = statistics.median([t / c - 1.0 for t, c in zip(times[key], times["ce"])])
+    rows.append(_row(role, model_name, "train", label, key, params, compiled[key][1], times[key], args,
+                     6.0 * macs, dtype_name=args.dtype, final_loss=loss, **extra))
+    if verbose:
+      print(f"  {model_name} train {label:16s} compile {compiled[key][1]:6.1f} s  {rows[-1]['step_ms']:9.1f} ms/step "
+            f"{rows[-1]['images_per_s']:9.1f} img/s" + (f"  vs CE {100 * extra['vs_ce']:+.1f}%" if extra else ""),
+            flush=True)
   return rows
 
 
@@ -256,6 +272,31 @@ def _row(role: str, model: str, step: str, label: str, key: str, params: int, co
           "peak_device_mib": _device_peak_mib(), "peak_rss_mib": peak_rss_mib(), **extra}
 
 
+def _loss_head_ms(losses: Sequence[tuple[str, str, dict]], mesh, batch, args, steps: int = 50) -> dict:
+  """ms per training step of each loss on a one-layer "student" (pooled pixels -> Dense -> logits).
+
+  The step is jaxkd's own training step, loss and optimizer included, with the network reduced to almost
+  nothing, so the differences between losses are the losses' own cost, free of the full model's noise.
+  """
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+
+  class LogitHead(nn.Module):
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, return_features: bool = False):
+      logits = nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
+      return (logits, {}) if return_features else logits
+
+  small = dict(batch, image=batch["image"][:, :4, :4])
+  head_args = argparse.Namespace(**{**vars(args), "image_size": 4, "steps": steps})
+  rows = _train_rows("head", "head", LogitHead(args.num_classes), losses, 1e-3, mesh, jnp.float32, small,
+                     head_args, macs=0.0, verbose=False)
+  return {r["key"]: r["step_ms"] for r in rows}
+
+
 def section_student(args: argparse.Namespace) -> dict:
   from jaxkd import models
   mesh, dtype, batch = _jax_setup(args)
@@ -263,6 +304,12 @@ def section_student(args: argparse.Namespace) -> dict:
   macs = _macs(model, args.image_size)
   losses = [(k, *STUDENT_LOSSES[k]) for k in args.losses]
   rows = _train_rows("student", args.student_model, model, losses, 1e-3, mesh, dtype, batch, args, macs)
+  ce = next((r for r in rows if r["key"] == "ce"), None)
+  if ce is not None and len(losses) > 1:
+    head = _loss_head_ms(losses, mesh, batch, args)
+    for r in rows:
+      r["head_ms"] = head[r["key"]]
+      r["loss_cost"] = (head[r["key"]] - head["ce"]) / ce["step_ms"]
   _no_tensorflow("student")
   return {"rows": rows, "macs": macs, "devices": int(mesh.devices.size)}
 
@@ -421,21 +468,22 @@ def _fmt(v: Optional[float], spec: str = ".1f", missing: str = "n/a") -> str:
 
 
 def jax_table(rows: list[dict], peak: Optional[float]) -> str:
-  ce = next((r["step_ms"] for r in rows if r["role"] == "student" and r["key"] == "ce"), None)
-  lines = ["| model | step | loss | params | compile s | ms/step | spread | images/s | vs CE | GFLOP/image | "
-           "achieved TFLOP/s | MFU | peak device MiB | peak RSS MiB |",
-           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  lines = ["| model | step | loss | params | compile s | ms/step | spread | images/s | vs CE | loss cost vs CE | "
+           "GFLOP/image | achieved TFLOP/s | MFU | peak device MiB | peak RSS MiB |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for r in rows:
-    vs_ce = ""
-    if r["role"] == "student" and ce is not None:
-      vs_ce = "—" if r["key"] == "ce" else f"{100.0 * (r['step_ms'] / ce - 1.0):+.1f}%"
+    vs_ce = loss_cost = ""
+    if r["role"] == "student":
+      vs_ce = "—" if r["key"] == "ce" else (f"{100.0 * r['vs_ce']:+.1f}%" if "vs_ce" in r else "")
+      if "loss_cost" in r:
+        loss_cost = "—" if r["key"] == "ce" else f"{100.0 * r['loss_cost']:+.2f}%"
     mfu = (f"{100.0 * r['achieved_tflops'] / peak:.2g}%" if peak and r["dtype"] == "bfloat16" else "—")
     spread = f"{100.0 * r['spread']:.0f}%" if r["repeats"] > 1 else "—"
     lines.append(
         f"| {r['model']} | {r['step']} | {r['loss']} | {r['params']:,} | {r['compile_s']:.1f} | "
-        f"{r['step_ms']:.1f} | {spread} | {r['images_per_s']:.1f} | {vs_ce} | {r['flops_per_image'] / 1e9:.2f} | "
-        f"{r['achieved_tflops']:.3g} | {mfu} | {_fmt(r['peak_device_mib'], '.0f')} | "
-        f"{r['peak_rss_mib']:.0f} |")
+        f"{r['step_ms']:.1f} | {spread} | {r['images_per_s']:.1f} | {vs_ce} | {loss_cost} | "
+        f"{r['flops_per_image'] / 1e9:.2f} | {r['achieved_tflops']:.3g} | {mfu} | "
+        f"{_fmt(r['peak_device_mib'], '.0f')} | {r['peak_rss_mib']:.0f} |")
   return "\n".join(lines)
 
 
@@ -485,7 +533,9 @@ def render(args: argparse.Namespace, info: dict, results: dict, notes: list[str]
          f"- settings: global batch {args.batch_size}, {args.image_size} px, {args.num_classes} classes, compute "
          f"dtype {args.dtype} (params float32), synthetic device-resident data, {args.warmup} warm-up step(s), then "
          f"{args.repeats} repeat(s) of {args.steps} timed steps with one block_until_ready after the last step of "
-         f"each (median repeat reported; spread = (max - min) / median); Adam (L2 1e-4) + one-cycle",
+         f"each (median repeat reported; spread = (max - min) / median); the losses of one model run interleaved, "
+         f"repeat by repeat, and 'vs CE' is the median over repeats of the paired step-time ratio to CE; Adam "
+         f"(L2 1e-4) + one-cycle",
          ""]
   jax_rows = results.get("student", {}).get("rows", []) + results.get("teacher", {}).get("rows", [])
   if jax_rows:
@@ -494,7 +544,11 @@ def render(args: argparse.Namespace, info: dict, results: dict, notes: list[str]
             "products). " + (f"MFU = achieved / {peak:.0f} TFLOP/s dense bf16 peak of {info['device_kind']}."
                              if peak else "MFU only for bfloat16 compute on a device with a known peak "
                              "(bench/run.py PEAK_BF16_TFLOPS).") +
-            " Peak memory: per section process, so a row shows the peak so far within its model's section.", ""]
+            " Peak memory: per section process, so a row shows the peak so far within its model's section."
+            " vs CE: median over repeats of the paired step-time ratio to CE (whole step, so machine noise"
+            " included). Loss cost vs CE: the same training step with the network cut to one Dense layer over"
+            " pooled pixels (50 steps per repeat, same losses, batch and optimizer), its extra ms over CE as a"
+            " share of the full CE step: the losses' own cost.", ""]
   if torch_out:
     if "rows" in torch_out:
       out += ["### PyTorch eager baseline", "", torch_table(torch_out, jax_rows), "",
@@ -543,8 +597,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   parser.add_argument("--warmup", type=int, default=None,
                       help="untimed steps after compiling (default: 1 with --quick or on CPU, 10 on GPU/TPU)")
   parser.add_argument("--repeats", type=int, default=None,
-                      help="timed repeats of --steps steps; the median is reported (default: 1 with --quick or on "
-                           "CPU, 3 on GPU/TPU)")
+                      help="timed repeats of --steps steps; the median is reported (default: 1 with --quick, "
+                           "else 3)")
   parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                       help="model compute dtype (auto: bfloat16 on GPU/TPU, float32 on CPU); also the "
                            "PyTorch precision (bfloat16 = autocast)")
@@ -610,7 +664,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
   if args.warmup is None:
     args.warmup = 1 if (args.quick or not accelerated) else 10
   if args.repeats is None:
-    args.repeats = 1 if (args.quick or not accelerated) else 3
+    args.repeats = 1 if args.quick else 3
   print(f"   backend {backend}, {info['device_count']} x {info['device_kind']}; dtype {args.dtype}, batch "
         f"{args.batch_size}, {args.image_size} px, {args.warmup} warm-up + {args.repeats} x {args.steps} timed "
         "steps", flush=True)

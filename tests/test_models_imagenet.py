@@ -237,7 +237,10 @@ def test_bfloat16_close_to_float32(name):
   """Eval mode with running statistics mean 0 / var 1 and He-normal (fan-in) random kernels: activations stay
   O(1)-O(100) and logits are far from 0, so the relative error measures bf16 rounding through the whole net.
   (Calibrating the BN statistics to a 2-image batch is not used: random normalised nets are chaotic, any
-  perturbation -- bf16 or not -- grows with depth.)"""
+  perturbation -- bf16 or not -- grows with depth.) Bound: with bf16 rounding after every op (XLA_FLAGS=
+  --xla_allow_excess_precision=false) XLA's own convolutions give 2.7% (MobileNetV3) and 0.8% (ResNet-50);
+  XLA keeps some intermediates in float32 by default, so measured errors are at most that; a layer computed
+  wrongly in bf16 gives O(1)."""
   images = _images(seed=3)
   f32 = models.create(name, num_classes=10)
   b16 = models.create(name, num_classes=10, dtype=jnp.bfloat16)
@@ -247,4 +250,4 @@ def test_bfloat16_close_to_float32(name):
   assert np.isfinite(np.asarray(out)).all()
   ref, out = np.asarray(ref, np.float64), np.asarray(out, np.float64)
   assert np.std(ref) > 0.5  # meaningful logits, not all ~0
-  assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 2e-2
+  assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 4e-2

@@ -1,12 +1,14 @@
 """Building blocks shared by every model: BatchNorm with cross-device statistics,
-convolutions with PyTorch's symmetric padding, depthwise convolution."""
+convolutions with PyTorch's symmetric padding (1x1 ones as a GEMM on CPU), depthwise convolution."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
+from jaxkd.models import pointwise
 from jaxkd.models.depthwise import depthwise_conv2d
 
 # PyTorch's default kaiming_normal_(mode='fan_out', nonlinearity='relu'), as torchvision initialises convs.
@@ -24,6 +26,23 @@ def batch_norm(train: bool, *, axis_name: Optional[str] = None, momentum: float 
   """
   return nn.BatchNorm(use_running_average=not train, momentum=momentum, epsilon=epsilon,
                       axis_name=axis_name, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def conv(features: int, kernel_size: int, *, strides: int = 1, groups: int = 1, use_bias: bool = False,
+         kernel_init: Callable[..., jax.Array] = conv_kernel_init, dtype: Any = jnp.float32,
+         name: Optional[str] = None) -> nn.Conv:
+  """k x k convolution with PyTorch's symmetric padding p = (k - 1) // 2 on every side.
+
+  Output size floor((H + 2p - k) / s) + 1, as torch.nn.Conv2d(padding=p).
+  `groups` > 1 is a grouped convolution (feature_group_count); depthwise
+  convolutions use DepthwiseConv instead. 1x1 convolutions run as one GEMM on
+  CPU (pointwise.conv_general_dilated); parameters are the same either way.
+  """
+  pad = (kernel_size - 1) // 2
+  return nn.Conv(features, (kernel_size, kernel_size), strides=(strides, strides),
+                 padding=((pad, pad), (pad, pad)), feature_group_count=groups, use_bias=use_bias,
+                 kernel_init=kernel_init, dtype=dtype, param_dtype=jnp.float32,
+                 conv_general_dilated=pointwise.conv_general_dilated, name=name)
 
 
 class DepthwiseConv(nn.Module):

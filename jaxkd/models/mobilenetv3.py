@@ -71,7 +71,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxkd.models.attention import ATTENTION_KINDS, hard_swish, make_attention, make_divisible
-from jaxkd.models.layers import DepthwiseConv, batch_norm, conv_kernel_init
+from jaxkd.models.layers import DepthwiseConv, batch_norm, conv, conv_kernel_init
 from jaxkd.models.registry import register
 
 _BN_MOMENTUM = 0.99  # PyTorch momentum 0.01
@@ -144,10 +144,7 @@ class ConvBNAct(nn.Module):
         raise ValueError(f"depthwise conv keeps channels: input {x.shape[-1]}, features {self.features}")
       x = DepthwiseConv(self.kernel, strides=self.stride, dtype=self.dtype, name="conv")(x)
     else:
-      p = (self.kernel - 1) // 2
-      x = nn.Conv(self.features, (self.kernel, self.kernel), strides=(self.stride, self.stride),
-                  padding=((p, p), (p, p)), use_bias=False, kernel_init=conv_kernel_init, dtype=self.dtype,
-                  param_dtype=jnp.float32, name="conv")(x)
+      x = conv(self.features, self.kernel, strides=self.stride, dtype=self.dtype, name="conv")(x)
     x = batch_norm(train, axis_name=self.bn_axis_name, momentum=self.bn_momentum, epsilon=_BN_EPS, dtype=self.dtype,
                    name="bn")(x)
     return _ACTIVATIONS[self.activation](x)

@@ -32,18 +32,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxkd.models.layers import batch_norm, conv_kernel_init
+from jaxkd.models.layers import batch_norm, conv
 from jaxkd.models.registry import register
 
 _BN_MOMENTUM = 0.9  # PyTorch momentum 0.1
 _BN_EPS = 1e-5
-
-
-def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.Conv:
-  """Bias-free conv with PyTorch's symmetric padding (kernel - 1) // 2."""
-  p = (kernel - 1) // 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((p, p), (p, p)), use_bias=False,
-                 kernel_init=conv_kernel_init, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
 def max_pool_torch(x: jax.Array, window: int = 3, stride: int = 2, padding: int = 1) -> jax.Array:
@@ -64,11 +57,12 @@ class BasicBlock(nn.Module):
     bn = lambda name: batch_norm(train, axis_name=self.bn_axis_name, momentum=_BN_MOMENTUM,  # noqa: E731
                                  epsilon=_BN_EPS, dtype=self.dtype, name=name)
     out_channels = self.planes * self.expansion
-    y = nn.relu(bn("bn1")(_conv(self.planes, 3, self.stride, self.dtype, "conv1")(x)))
-    y = bn("bn2")(_conv(self.planes, 3, 1, self.dtype, "conv2")(y))
+    y = nn.relu(bn("bn1")(conv(self.planes, 3, strides=self.stride, dtype=self.dtype, name="conv1")(x)))
+    y = bn("bn2")(conv(self.planes, 3, dtype=self.dtype, name="conv2")(y))
     shortcut = x
     if self.stride != 1 or x.shape[-1] != out_channels:
-      shortcut = bn("downsample_bn")(_conv(out_channels, 1, self.stride, self.dtype, "downsample_conv")(x))
+      downsample = conv(out_channels, 1, strides=self.stride, dtype=self.dtype, name="downsample_conv")
+      shortcut = bn("downsample_bn")(downsample(x))
     return nn.relu(y + shortcut)
 
 
@@ -85,12 +79,13 @@ class Bottleneck(nn.Module):
     bn = lambda name: batch_norm(train, axis_name=self.bn_axis_name, momentum=_BN_MOMENTUM,  # noqa: E731
                                  epsilon=_BN_EPS, dtype=self.dtype, name=name)
     out_channels = self.planes * self.expansion
-    y = nn.relu(bn("bn1")(_conv(self.planes, 1, 1, self.dtype, "conv1")(x)))
-    y = nn.relu(bn("bn2")(_conv(self.planes, 3, self.stride, self.dtype, "conv2")(y)))
-    y = bn("bn3")(_conv(out_channels, 1, 1, self.dtype, "conv3")(y))
+    y = nn.relu(bn("bn1")(conv(self.planes, 1, dtype=self.dtype, name="conv1")(x)))
+    y = nn.relu(bn("bn2")(conv(self.planes, 3, strides=self.stride, dtype=self.dtype, name="conv2")(y)))
+    y = bn("bn3")(conv(out_channels, 1, dtype=self.dtype, name="conv3")(y))
     shortcut = x
     if self.stride != 1 or x.shape[-1] != out_channels:
-      shortcut = bn("downsample_bn")(_conv(out_channels, 1, self.stride, self.dtype, "downsample_conv")(x))
+      downsample = conv(out_channels, 1, strides=self.stride, dtype=self.dtype, name="downsample_conv")
+      shortcut = bn("downsample_bn")(downsample(x))
     return nn.relu(y + shortcut)
 
 
@@ -106,7 +101,7 @@ class ResNet(nn.Module):
   def __call__(self, x, train: bool = False, return_features: bool = False):
     block_cls = {"basic": BasicBlock, "bottleneck": Bottleneck}[self.block]
     x = x.astype(self.dtype)
-    x = _conv(64, 7, 2, self.dtype, "conv1")(x)
+    x = conv(64, 7, strides=2, dtype=self.dtype, name="conv1")(x)
     x = batch_norm(train, axis_name=self.bn_axis_name, momentum=_BN_MOMENTUM, epsilon=_BN_EPS, dtype=self.dtype,
                    name="bn1")(x)
     x = max_pool_torch(nn.relu(x))

@@ -36,21 +36,6 @@ def torch_default_bias_init(fan_in: int) -> Callable[..., jax.Array]:
   return init
 
 
-def conv(features: int, kernel_size: int, *, strides: int = 1, groups: int = 1, use_bias: bool = False,
-         kernel_init: Callable[..., jax.Array] = conv_kernel_init, dtype: Any = jnp.float32,
-         name: Optional[str] = None) -> nn.Conv:
-  """k x k convolution with PyTorch's symmetric padding p = (k - 1) // 2 on every side.
-
-  Output size floor((H + 2p - k) / s) + 1, as torch.nn.Conv2d(padding=p).
-  `groups` > 1 is a grouped convolution (feature_group_count); depthwise
-  convolutions use layers.DepthwiseConv instead.
-  """
-  pad = (kernel_size - 1) // 2
-  return nn.Conv(features, (kernel_size, kernel_size), strides=(strides, strides),
-                 padding=((pad, pad), (pad, pad)), feature_group_count=groups, use_bias=use_bias,
-                 kernel_init=kernel_init, dtype=dtype, param_dtype=jnp.float32, name=name)
-
-
 def global_avg_pool(x: jax.Array) -> jax.Array:
   """Mean over the spatial axes of NHWC `x` -> [B, C].
 

@@ -24,8 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxkd.models.cifar.common import conv, global_avg_pool, linear_normal_001_init
-from jaxkd.models.layers import DepthwiseConv, batch_norm
+from jaxkd.models.cifar.common import global_avg_pool, linear_normal_001_init
+from jaxkd.models.layers import DepthwiseConv, batch_norm, conv
 from jaxkd.models.registry import register
 
 # (expansion or None for "the model's t", channels, blocks, stride); stages whose outputs are features.

@@ -20,8 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxkd.models.cifar.common import conv, global_avg_pool, torch_default_bias_init, torch_default_kernel_init
-from jaxkd.models.layers import batch_norm
+from jaxkd.models.cifar.common import global_avg_pool, torch_default_bias_init, torch_default_kernel_init
+from jaxkd.models.layers import batch_norm, conv
 from jaxkd.models.registry import register
 
 

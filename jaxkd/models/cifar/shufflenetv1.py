@@ -23,9 +23,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxkd.models.cifar.common import (channel_shuffle, conv, global_avg_pool, torch_default_bias_init,
+from jaxkd.models.cifar.common import (channel_shuffle, global_avg_pool, torch_default_bias_init,
                                        torch_default_kernel_init)
-from jaxkd.models.layers import DepthwiseConv, batch_norm
+from jaxkd.models.layers import DepthwiseConv, batch_norm, conv
 from jaxkd.models.registry import register
 
 _STEM_CHANNELS = 24

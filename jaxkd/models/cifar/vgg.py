@@ -21,8 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxkd.models.cifar.common import conv, global_avg_pool, linear_normal_001_init
-from jaxkd.models.layers import batch_norm
+from jaxkd.models.cifar.common import global_avg_pool, linear_normal_001_init
+from jaxkd.models.layers import batch_norm, conv
 from jaxkd.models.registry import register
 
 CONFIGS: dict[str, tuple[tuple[int, ...], ...]] = {
