@@ -403,13 +403,28 @@ def _child_args(args: argparse.Namespace) -> list[str]:
   return out
 
 
+# glibc's malloc returns every freed block over 32 MiB (and worker threads' large blocks) to the kernel, so a
+# CPU training step that allocates GBs of fresh buffers page-faults them in again on every step (the JAX student
+# step at batch 32: ~400k faults, 1.6 GB of zeroed pages). These tunables keep freed memory in the process.
+GLIBC_NO_RELEASE = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+                    "glibc.malloc.trim_threshold=1099511627776")
+
+
+def child_env(args: argparse.Namespace) -> dict:
+  """Environment of the section and PyTorch child processes (--malloc)."""
+  env = dict(os.environ)
+  if args.malloc == "no-release":
+    env["GLIBC_TUNABLES"] = ":".join(t for t in (env.get("GLIBC_TUNABLES"), GLIBC_NO_RELEASE) if t)
+  return env
+
+
 def run_section(name: str, args: argparse.Namespace) -> dict:
   """Runs one section in a child process of this interpreter; its output streams to the console."""
   with tempfile.TemporaryDirectory() as tmp:
     result = pathlib.Path(tmp) / "result.json"
     cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--_section", name, "--_result", str(result),
            *_child_args(args)]
-    proc = subprocess.run(cmd, cwd=_REPO)
+    proc = subprocess.run(cmd, cwd=_REPO, env=child_env(args))
     if proc.returncode != 0:
       raise RuntimeError(f"benchmark section {name!r} failed (exit code {proc.returncode}); its output is "
                          f"above. Command: {shlex.join(cmd)}")
@@ -450,7 +465,7 @@ def run_torch(args: argparse.Namespace, backend: str) -> dict:
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--repeats", str(args.repeats),
            "--precision", args.dtype_requested, "--json-out", str(result)]
     print(f"== torch ({python}, {how})", flush=True)
-    proc = subprocess.run(cmd, cwd=_REPO)
+    proc = subprocess.run(cmd, cwd=_REPO, env=child_env(args))
     if proc.returncode != 0:
       raise RuntimeError(f"PyTorch baseline failed (exit code {proc.returncode}); its output is above. "
                          f"Command: {shlex.join(cmd)}")
@@ -536,6 +551,8 @@ def render(args: argparse.Namespace, info: dict, results: dict, notes: list[str]
          f"each (median repeat reported; spread = (max - min) / median); the losses of one model run interleaved, "
          f"repeat by repeat, and 'vs CE' is the median over repeats of the paired step-time ratio to CE; Adam "
          f"(L2 1e-4) + one-cycle",
+         "- glibc malloc of every benchmarked process (JAX and PyTorch): " + (
+             "default" if args.malloc == "default" else f"no-release (GLIBC_TUNABLES={GLIBC_NO_RELEASE})"),
          ""]
   jax_rows = results.get("student", {}).get("rows", []) + results.get("teacher", {}).get("rows", [])
   if jax_rows:
@@ -599,6 +616,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   parser.add_argument("--repeats", type=int, default=None,
                       help="timed repeats of --steps steps; the median is reported (default: 1 with --quick, "
                            "else 3)")
+  parser.add_argument("--malloc", default="default", choices=("default", "no-release"),
+                      help="glibc malloc of the JAX and PyTorch child processes: default, or no-release "
+                           "(GLIBC_TUNABLES that keep freed memory in the process instead of returning it to the "
+                           "kernel and page-faulting it in again every step; applied to both frameworks)")
   parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                       help="model compute dtype (auto: bfloat16 on GPU/TPU, float32 on CPU); also the "
                            "PyTorch precision (bfloat16 = autocast)")

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxkd.models import pointwise
+from jaxkd.models.batchnorm import BatchNorm
 from jaxkd.models.depthwise import depthwise_conv2d
 
 # PyTorch's default kaiming_normal_(mode='fan_out', nonlinearity='relu'), as torchvision initialises convs.
@@ -16,16 +17,17 @@ conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 def batch_norm(train: bool, *, axis_name: Optional[str] = None, momentum: float = 0.9,
-               epsilon: float = 1e-5, dtype: Any = jnp.float32, name: Optional[str] = None) -> nn.BatchNorm:
+               epsilon: float = 1e-5, dtype: Any = jnp.float32, name: Optional[str] = None) -> BatchNorm:
   """BatchNorm with float32 parameters and statistics.
 
   `momentum` is Flax's (running = momentum * running + (1 - momentum) * batch),
   i.e. 1 - PyTorch's momentum: PyTorch's default 0.1 is 0.9 here.
   `axis_name` reduces the batch statistics across devices inside shard_map/pmap;
   under jax.jit over a Mesh the batch axis is global already and it stays None.
+  Same variables and values as nn.BatchNorm, with a hand-written gradient (batchnorm.py).
   """
-  return nn.BatchNorm(use_running_average=not train, momentum=momentum, epsilon=epsilon,
-                      axis_name=axis_name, dtype=dtype, param_dtype=jnp.float32, name=name)
+  return BatchNorm(use_running_average=not train, momentum=momentum, epsilon=epsilon,
+                   axis_name=axis_name, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
 def conv(features: int, kernel_size: int, *, strides: int = 1, groups: int = 1, use_bias: bool = False,
