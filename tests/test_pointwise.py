@@ -48,6 +48,12 @@ CASES = [
     ((2, 10, 7, 5), 3, (2, 1), "SAME"),  # SAME never pads a 1x1 window
     ((1, 4, 4, 1), 1, (3, 3), "VALID"),
 ]
+# grouped (ShuffleNetV1): (x shape, Cout, strides, padding, groups)
+GROUPED = [
+    ((2, 6, 6, 12), 9, (1, 1), "VALID", 3),
+    ((2, 7, 5, 8), 16, (2, 2), ((0, 0), (0, 0)), 4),
+    ((2, 4, 4, 6), 6, (1, 1), "SAME", 6),  # one input channel per group
+]
 
 
 def test_value_and_gradients_match_lax():
@@ -68,6 +74,39 @@ def test_value_and_gradients_match_lax():
       for name, a, b in zip(("y", "dx", "dkernel"), got, ref):
         assert a.shape == b.shape and a.dtype == b.dtype, (case, name)
         assert _max_rel_err(a, b) < 1e-5, (case, name, _max_rel_err(a, b))
+
+
+def test_grouped_value_and_gradients_match_lax():
+  @jax.jit
+  def run(arrays):
+    out = []
+    for (shape, cout, s, pad, groups), (x, w, g) in zip(GROUPED, arrays):
+      def conv(a, b, s=s, pad=pad, groups=groups):
+        return lax.conv_general_dilated(a, b, s, pad, dimension_numbers=_DN, feature_group_count=groups)
+      def dispatched(a, b, s=s, pad=pad, groups=groups):
+        return pointwise.conv_general_dilated(a, b, s, pad, dimension_numbers=_DN, feature_group_count=groups)
+      out.append((_value_and_vjps(conv, x, w, g), _value_and_vjps(dispatched, x, w, g)))
+    return out
+
+  arrays = [_arrays(shape, (1, 1, shape[-1] // groups, cout), s, seed=10 + i)
+            for i, (shape, cout, s, _, groups) in enumerate(GROUPED)]
+  for case, (ref, got) in zip(GROUPED, run(arrays)):
+    for name, a, b in zip(("y", "dx", "dkernel"), got, ref):
+      assert a.shape == b.shape and a.dtype == b.dtype, (case, name)
+      assert _max_rel_err(a, b) < 1e-5, (case, name, _max_rel_err(a, b))
+  # and the CPU program of a grouped one has no convolution
+  x, w, _ = arrays[0]
+  fn = lambda a, b: pointwise.conv_general_dilated(a, b, (1, 1), "VALID", dimension_numbers=_DN,  # noqa: E731
+                                                   feature_group_count=3)
+  assert "stablehlo.convolution" not in _lowered_text(fn, "cpu", x, w)
+  assert "stablehlo.convolution" in _lowered_text(fn, "cuda", x, w)
+
+
+def test_grouped_forward_matches_float64_numpy():
+  x, w, _ = _arrays((2, 3, 3, 6), (1, 1, 2, 9), (1, 1), seed=6)
+  x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)[0, 0]
+  ref = np.concatenate([x64[..., 2 * g:2 * g + 2] @ w64[:, 3 * g:3 * g + 3] for g in range(3)], axis=-1)
+  assert _max_rel_err(pointwise.pointwise_conv2d(x, w, groups=3), ref) < 1e-6
 
 
 def test_forward_matches_float64_numpy():
@@ -111,7 +150,7 @@ def test_dispatch_gemm_on_cpu_convolution_elsewhere():
 
 @pytest.mark.parametrize("kernel_shape, kwargs", [
     ((3, 3, 4, 6), {}),  # not 1x1
-    ((1, 1, 2, 6), {"feature_group_count": 2}),  # grouped
+    ((1, 1, 4, 6), {"batch_group_count": 2}),  # batch-grouped (a kernel-gradient form)
     ((1, 1, 4, 6), {"rhs_dilation": (2, 2)}),  # dilation of a 1x1 window is a no-op but not the plain form
 ])
 def test_other_convolutions_stay_lax(kernel_shape, kwargs):
@@ -149,7 +188,9 @@ def test_layers_conv_data_parallel_equals_plain_nn_conv():
 
 
 def test_bad_arguments_name_the_shapes():
-  with pytest.raises(ValueError, match=r"kernel \[1, 1, C, O\].*\(3, 3, 4, 6\)"):
+  with pytest.raises(ValueError, match=r"kernel \[1, 1, C / groups, O\].*\(3, 3, 4, 6\)"):
     pointwise.pointwise_conv2d(jnp.zeros((2, 8, 8, 4)), jnp.zeros((3, 3, 4, 6)))
   with pytest.raises(ValueError, match=r"x \(2, 8, 8, 5\)"):
     pointwise.pointwise_conv2d(jnp.zeros((2, 8, 8, 5)), jnp.zeros((1, 1, 4, 6)))
+  with pytest.raises(ValueError, match=r"groups 4"):
+    pointwise.pointwise_conv2d(jnp.zeros((2, 8, 8, 8)), jnp.zeros((1, 1, 2, 6)), groups=4)

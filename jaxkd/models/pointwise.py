@@ -15,10 +15,11 @@ MobileNet's early blocks (issue "Performance": the backward of the 16 -> 64
 expand conv at 112x112 alone took ~20% of the MobileNetV3-Large step), while
 its GEMM runs an order of magnitude faster. `conv_general_dilated` below is a
 drop-in for `lax.conv_general_dilated` (Flax's `nn.Conv(conv_general_dilated=...)`)
-that computes eligible convolutions (1x1 kernel, no padding, no dilation, one
-group, NHWC/HWIO) as that GEMM on CPU and leaves every other convolution, and
-every convolution on GPU/TPU (cuDNN, the TPU convolution units), to
-`lax.conv_general_dilated`. The choice is made per lowering platform with
+that computes eligible convolutions (1x1 kernel, no padding, no dilation,
+NHWC/HWIO) as that GEMM on CPU -- grouped ones (ShuffleNet) as a batched GEMM
+over the groups, whose gradients XLA:CPU otherwise computes 5-15x slower -- and
+leaves every other convolution, and every convolution on GPU/TPU (cuDNN, the
+TPU convolution units), to `lax.conv_general_dilated`. The choice is made per lowering platform with
 `lax.platform_dependent`, as for depthwise convolutions (depthwise.py).
 """
 from __future__ import annotations
@@ -33,26 +34,35 @@ from jax import lax
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
-def pointwise_conv2d(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int] = (1, 1),
+def pointwise_conv2d(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int] = (1, 1), groups: int = 1,
                      precision: Any = None, preferred_element_type: Any = None) -> jax.Array:
-  """1x1 convolution of NHWC `x` [B, H, W, Cin] with `kernel` [1, 1, Cin, Cout] as one GEMM.
+  """1x1 convolution of NHWC `x` [B, H, W, Cin] with `kernel` [1, 1, Cin / groups, Cout] as one GEMM.
 
-  Equal to `lax.conv_general_dilated(x, kernel, strides, 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))`:
-  output [B, ceil(H / sh), ceil(W / sw), Cout]. Low-precision (bfloat16/float16) inputs are
+  Equal to `lax.conv_general_dilated(x, kernel, strides, 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+  feature_group_count=groups)`: output [B, ceil(H / sh), ceil(W / sw), Cout]. With groups G > 1, group g maps
+  input channels [g Cin/G, (g+1) Cin/G) to output channels [g Cout/G, (g+1) Cout/G) with kernel columns
+  [g Cout/G, (g+1) Cout/G): a batched GEMM over the G groups. Low-precision (bfloat16/float16) inputs are
   multiplied with float32 accumulation and rounded once at the end, as XLA's convolutions do.
   """
-  if kernel.ndim != 4 or kernel.shape[:2] != (1, 1) or x.ndim != 4 or x.shape[-1] != kernel.shape[2]:
-    raise ValueError(f"pointwise_conv2d needs x [B, H, W, C] and kernel [1, 1, C, O]; got x {x.shape}, "
-                     f"kernel {kernel.shape}")
+  if (kernel.ndim != 4 or kernel.shape[:2] != (1, 1) or x.ndim != 4 or groups < 1
+      or x.shape[-1] != kernel.shape[2] * groups or kernel.shape[3] % groups):
+    raise ValueError(f"pointwise_conv2d needs x [B, H, W, C] and kernel [1, 1, C / groups, O] with O divisible by "
+                     f"groups; got x {x.shape}, kernel {kernel.shape}, groups {groups}")
   sh, sw = strides
   if (sh, sw) != (1, 1):
     x = x[:, ::sh, ::sw, :]
   b, h, w, c = x.shape
+  out = kernel.shape[3]
   out_dtype = preferred_element_type or jnp.result_type(x, kernel)
   accumulate = jnp.float32 if jnp.finfo(out_dtype).bits < 32 else out_dtype
-  y = jnp.dot(x.reshape(b * h * w, c), kernel.reshape(c, kernel.shape[3]), precision=precision,
-              preferred_element_type=accumulate)
-  return y.astype(out_dtype).reshape(b, h, w, kernel.shape[3])
+  if groups == 1:
+    y = jnp.dot(x.reshape(b * h * w, c), kernel.reshape(c, out), precision=precision,
+                preferred_element_type=accumulate)
+  else:
+    per_group = kernel.reshape(c // groups, groups, out // groups).transpose(1, 0, 2)  # [G, Cin/G, Cout/G]
+    y = jnp.einsum("ngc,gcd->ngd", x.reshape(b * h * w, groups, c // groups), per_group, precision=precision,
+                   preferred_element_type=accumulate)
+  return y.astype(out_dtype).reshape(b, h, w, out)
 
 
 def _is_nhwc_hwio(dimension_numbers, lhs_shape, rhs_shape) -> bool:
@@ -67,8 +77,10 @@ def _is_nhwc_hwio(dimension_numbers, lhs_shape, rhs_shape) -> bool:
 
 def _is_pointwise(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
                   batch_group_count) -> bool:
-  """True when the convolution is a plain strided 1x1 NHWC/HWIO convolution without padding."""
-  if feature_group_count != 1 or batch_group_count != 1 or rhs.ndim != 4 or rhs.shape[:2] != (1, 1):
+  """True when the convolution is a strided 1x1 NHWC/HWIO convolution (grouped or not) without padding."""
+  if batch_group_count != 1 or rhs.ndim != 4 or rhs.shape[:2] != (1, 1):
+    return False
+  if lhs.ndim != 4 or lhs.shape[-1] != rhs.shape[2] * feature_group_count or rhs.shape[3] % feature_group_count:
     return False
   if not _is_nhwc_hwio(dimension_numbers, lhs.shape, rhs.shape):
     return False
@@ -93,6 +105,6 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
   if not _is_pointwise(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
                        batch_group_count):
     return conv(lhs, rhs)
-  gemm = functools.partial(pointwise_conv2d, strides=tuple(window_strides), precision=precision,
-                           preferred_element_type=preferred_element_type)
+  gemm = functools.partial(pointwise_conv2d, strides=tuple(window_strides), groups=feature_group_count,
+                           precision=precision, preferred_element_type=preferred_element_type)
   return lax.platform_dependent(lhs, rhs, cpu=gemm, default=conv)
