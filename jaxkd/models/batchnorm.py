@@ -60,12 +60,16 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: f
   return _forward(x, scale, bias, epsilon, axis_name, dtype)[0]
 
 
-def _forward(x, scale, bias, epsilon, axis_name, dtype):
-  xf = x.astype(jnp.float32)
-  mean, var = _stats(xf, axis_name)
+def _normalize(x, mean, var, scale, bias, epsilon, dtype):
+  """y = (x - mean) * k + bias in float32, rounded to `dtype`; also returns rsqrt(var + eps) and k."""
   inv = lax.rsqrt(var + epsilon)
   k = scale.astype(jnp.float32) * inv
-  y = ((xf - mean) * k + bias.astype(jnp.float32)).astype(dtype)
+  return ((x.astype(jnp.float32) - mean) * k + bias.astype(jnp.float32)).astype(dtype), inv, k
+
+
+def _forward(x, scale, bias, epsilon, axis_name, dtype):
+  mean, var = _stats(x.astype(jnp.float32), axis_name)
+  y, inv, k = _normalize(x, mean, var, scale, bias, epsilon, dtype)
   return (y, mean, var), (x, mean, inv, k)
 
 
@@ -121,8 +125,7 @@ class BatchNorm(nn.Module):
     ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), features)
     dtype = self.dtype or jnp.result_type(x, scale, bias)
     if self.use_running_average:
-      k = scale.astype(jnp.float32) * lax.rsqrt(ra_var.value + self.epsilon)
-      return ((x.astype(jnp.float32) - ra_mean.value) * k + bias.astype(jnp.float32)).astype(dtype)
+      return _normalize(x, ra_mean.value, ra_var.value, scale, bias, self.epsilon, dtype)[0]
     axis_name = None if self.is_initializing() else self.axis_name
     y, mean, var = batch_norm_train(x, scale, bias, self.epsilon, axis_name, dtype)
     if not self.is_initializing():

@@ -66,7 +66,7 @@ def pointwise_conv2d(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int] 
 
 
 def _is_nhwc_hwio(dimension_numbers, lhs_shape, rhs_shape) -> bool:
-  if dimension_numbers is None or len(lhs_shape) != 4:
+  if dimension_numbers is None:
     return False
   try:
     return (lax.conv_dimension_numbers(lhs_shape, rhs_shape, dimension_numbers)
@@ -78,11 +78,11 @@ def _is_nhwc_hwio(dimension_numbers, lhs_shape, rhs_shape) -> bool:
 def _is_pointwise(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
                   batch_group_count) -> bool:
   """True when the convolution is a strided 1x1 NHWC/HWIO convolution (grouped or not) without padding."""
-  if batch_group_count != 1 or rhs.ndim != 4 or rhs.shape[:2] != (1, 1):
-    return False
-  if lhs.ndim != 4 or lhs.shape[-1] != rhs.shape[2] * feature_group_count or rhs.shape[3] % feature_group_count:
+  if batch_group_count != 1 or lhs.ndim != 4 or rhs.ndim != 4 or rhs.shape[:2] != (1, 1):
     return False
   if not _is_nhwc_hwio(dimension_numbers, lhs.shape, rhs.shape):
+    return False
+  if lhs.shape[-1] != rhs.shape[2] * feature_group_count or rhs.shape[3] % feature_group_count:
     return False
   if any(d not in (None, 1) for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ())):
     return False

@@ -8,13 +8,11 @@ eps 1e-5 and PyTorch momentum 0.1 (Flax momentum 0.9).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
-from jaxkd.models.layers import conv_kernel_init
 
 # PyTorch's default nn.Conv2d / nn.Linear weight init, kaiming_uniform_(a=sqrt(5)):
 # U(-b, b) with b = sqrt(1 / fan_in)  (variance scaling 1/3, uniform, fan_in).
@@ -44,6 +42,23 @@ def global_avg_pool(x: jax.Array) -> jax.Array:
   AdaptiveAvgPool2d(1) for VGG), all of which cover the whole final map.
   """
   return jnp.mean(x, axis=(1, 2))
+
+
+def classifier_head(x: jax.Array, features: dict, *, num_classes: int, dtype: Any, name: str,
+                    kernel_init: Callable[..., jax.Array], torch_default_bias: bool = False,
+                    return_features: bool = False):
+  """The common end of the CIFAR models: global average pool -> Linear(num_classes).
+
+  Records the pooled vector as features['embedding'] and returns float32 logits, or
+  (logits, features) when `return_features`. The bias is zero, or PyTorch's default
+  U(+-1/sqrt(fan_in)) over the pooled width when `torch_default_bias`.
+  """
+  embedding = global_avg_pool(x)
+  features["embedding"] = embedding
+  bias_init = torch_default_bias_init(x.shape[-1]) if torch_default_bias else nn.initializers.zeros
+  logits = nn.Dense(num_classes, dtype=dtype, param_dtype=jnp.float32, kernel_init=kernel_init,
+                    bias_init=bias_init, name=name)(embedding).astype(jnp.float32)
+  return (logits, features) if return_features else logits
 
 
 def channel_shuffle(x: jax.Array, groups: int) -> jax.Array:

@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxkd.models.cifar.common import global_avg_pool, linear_normal_001_init
+from jaxkd.models.cifar.common import classifier_head, linear_normal_001_init
 from jaxkd.models.layers import DepthwiseConv, batch_norm, conv
 from jaxkd.models.registry import register
 
@@ -83,12 +83,8 @@ class CifarMobileNetV2(nn.Module):
     last_channels = int(1280 * self.width_mult) if self.width_mult > 1.0 else 1280
     x = conv(last_channels, 1, dtype=self.dtype, name="conv2")(x)
     x = nn.relu(bn("bn2")(x))
-    embedding = global_avg_pool(x)
-    features["embedding"] = embedding
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
-                      kernel_init=linear_normal_001_init, name="classifier")(embedding)
-    logits = logits.astype(jnp.float32)
-    return (logits, features) if return_features else logits
+    return classifier_head(x, features, num_classes=self.num_classes, dtype=self.dtype, name="classifier",
+                           kernel_init=linear_normal_001_init, return_features=return_features)
 
 
 @register("mobilenetv2")

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxkd.models.cifar.common import global_avg_pool, torch_default_bias_init, torch_default_kernel_init
+from jaxkd.models.cifar.common import classifier_head, torch_default_kernel_init
 from jaxkd.models.layers import batch_norm, conv
 from jaxkd.models.registry import register
 
@@ -71,14 +71,9 @@ class CifarResNet(nn.Module):
         x = BasicBlock(planes, strides, dtype=self.dtype, bn_axis_name=self.bn_axis_name,
                        name=f"layer{stage}_{i}")(x, train)
       features[f"stage{stage}"] = x
-    embedding = global_avg_pool(x)
-    features["embedding"] = embedding
-    fan_in = self.widths[3]
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
-                      kernel_init=torch_default_kernel_init, bias_init=torch_default_bias_init(fan_in),
-                      name="fc")(embedding)
-    logits = logits.astype(jnp.float32)
-    return (logits, features) if return_features else logits
+    return classifier_head(x, features, num_classes=self.num_classes, dtype=self.dtype, name="fc",
+                           kernel_init=torch_default_kernel_init, torch_default_bias=True,
+                           return_features=return_features)
 
 
 _NARROW = (16, 16, 32, 64)

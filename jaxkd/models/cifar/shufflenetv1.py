@@ -23,8 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxkd.models.cifar.common import (channel_shuffle, global_avg_pool, torch_default_bias_init,
-                                       torch_default_kernel_init)
+from jaxkd.models.cifar.common import channel_shuffle, classifier_head, torch_default_kernel_init
 from jaxkd.models.layers import DepthwiseConv, batch_norm, conv
 from jaxkd.models.registry import register
 
@@ -85,14 +84,9 @@ class CifarShuffleNetV1(nn.Module):
         x = ShuffleV1Unit(planes - concat_planes, 2 if i == 0 else 1, self.groups, dtype=self.dtype,
                           bn_axis_name=self.bn_axis_name, name=f"layer{stage}_{i}")(x, train)
       features[f"stage{stage}"] = x
-    embedding = global_avg_pool(x)
-    features["embedding"] = embedding
-    fan_in = self.out_planes[-1]
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
-                      kernel_init=torch_default_kernel_init, bias_init=torch_default_bias_init(fan_in),
-                      name="linear")(embedding)
-    logits = logits.astype(jnp.float32)
-    return (logits, features) if return_features else logits
+    return classifier_head(x, features, num_classes=self.num_classes, dtype=self.dtype, name="linear",
+                           kernel_init=torch_default_kernel_init, torch_default_bias=True,
+                           return_features=return_features)
 
 
 @register("shufflenetv1")

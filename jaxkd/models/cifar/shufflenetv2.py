@@ -25,8 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxkd.models.cifar.common import (channel_shuffle, global_avg_pool, torch_default_bias_init,
-                                       torch_default_kernel_init)
+from jaxkd.models.cifar.common import channel_shuffle, classifier_head, torch_default_kernel_init
 from jaxkd.models.layers import DepthwiseConv, batch_norm, conv
 from jaxkd.models.registry import register
 
@@ -96,14 +95,9 @@ class CifarShuffleNetV2(nn.Module):
                                name=f"layer{stage}_{i}")(x, train)
       features[f"stage{stage}"] = x
     x = nn.relu(bn("bn2")(conv(self.out_channels[3], 1, name="conv2", **kw)(x)))
-    embedding = global_avg_pool(x)
-    features["embedding"] = embedding
-    fan_in = self.out_channels[3]
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
-                      kernel_init=torch_default_kernel_init, bias_init=torch_default_bias_init(fan_in),
-                      name="linear")(embedding)
-    logits = logits.astype(jnp.float32)
-    return (logits, features) if return_features else logits
+    return classifier_head(x, features, num_classes=self.num_classes, dtype=self.dtype, name="linear",
+                           kernel_init=torch_default_kernel_init, torch_default_bias=True,
+                           return_features=return_features)
 
 
 @register("shufflenetv2")

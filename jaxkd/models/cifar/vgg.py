@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxkd.models.cifar.common import global_avg_pool, linear_normal_001_init
+from jaxkd.models.cifar.common import classifier_head, linear_normal_001_init
 from jaxkd.models.layers import batch_norm, conv
 from jaxkd.models.registry import register
 
@@ -58,12 +58,8 @@ class CifarVGG(nn.Module):
         features[f"stage{b}"] = x
       if b <= 2 or (b == 3 and input_height == 64):
         x = _max_pool_2x2(x)
-    embedding = global_avg_pool(x)
-    features["embedding"] = embedding
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
-                      kernel_init=linear_normal_001_init, name="classifier")(embedding)
-    logits = logits.astype(jnp.float32)
-    return (logits, features) if return_features else logits
+    return classifier_head(x, features, num_classes=self.num_classes, dtype=self.dtype, name="classifier",
+                           kernel_init=linear_normal_001_init, return_features=return_features)
 
 
 @register("vgg8")

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxkd.models.cifar.common import global_avg_pool, torch_default_kernel_init
+from jaxkd.models.cifar.common import classifier_head, torch_default_kernel_init
 from jaxkd.models.layers import batch_norm, conv
 from jaxkd.models.registry import register
 
@@ -74,13 +74,9 @@ class WideResNet(nn.Module):
                            name=f"block{stage}_{i}")(x, train)
       features[f"stage{stage}"] = x
     x = nn.relu(batch_norm(train, axis_name=self.bn_axis_name, dtype=self.dtype, name="bn1")(x))
-    embedding = global_avg_pool(x)
-    features["embedding"] = embedding
     # mdistiller: PyTorch-default Linear weight, zero bias.
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
-                      kernel_init=torch_default_kernel_init, name="fc")(embedding)
-    logits = logits.astype(jnp.float32)
-    return (logits, features) if return_features else logits
+    return classifier_head(x, features, num_classes=self.num_classes, dtype=self.dtype, name="fc",
+                           kernel_init=torch_default_kernel_init, return_features=return_features)
 
 
 def _register(name: str, depth: int, widen_factor: int) -> None:
