@@ -1,5 +1,7 @@
-"""Seed 000's baseline: MobileNetV3-Large without ECA and without KD (cross-entropy only)."""
-from configs import common, food101_eca
+"""The Food-101 baseline: MobileNetV3-Large without ECA and without KD (cross-entropy only)."""
+from jaxkd import config as schema
+
+food101_eca = schema.sibling(__file__, "food101_eca")
 
 
 def get_config():
@@ -8,5 +10,5 @@ def get_config():
   c.teacher.enabled = False
   c.student.model = "mobilenet_v3_large"
   c.student.teacher = "none"
-  c.student.loss = common.loss("ce")
+  c.student.loss = schema.loss("ce")
   return c

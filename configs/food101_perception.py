@@ -1,6 +1,8 @@
-"""Seed 000's pipeline with DKD + perception reconstruction (seed 004): teacher and student logits are
+"""The Food-101 pipeline with DKD + perception reconstruction: teacher and student logits are
 standardised per class over the global batch before DKD."""
-from configs import food101_dkd
+from jaxkd import config as schema
+
+food101_dkd = schema.sibling(__file__, "food101_dkd")
 
 
 def get_config():

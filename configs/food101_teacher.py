@@ -1,8 +1,11 @@
-"""Only the teacher of seed 000: fine-tune ImageNet ResNet-50 on Food-101 for 3 epochs and evaluate.
+"""Only the teacher of the Food-101 pipeline: fine-tune ImageNet ResNet-50 on Food-101 for 3
+epochs and evaluate.
 
   python main.py --config=configs/food101_teacher.py --workdir=runs/food101_teacher
 """
-from configs import food101_eca
+from jaxkd import config as schema
+
+food101_eca = schema.sibling(__file__, "food101_eca")
 
 
 def get_config():

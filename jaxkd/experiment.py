@@ -1,17 +1,21 @@
-"""An experiment = the stages of the seed's pipeline, run in order inside one workdir.
+"""An experiment = the stages of the distillation pipeline, run in order inside one workdir.
 
-    teacher          train or fine-tune the teacher (optionally from imported weights)
-    teacher_logits   precompute the teacher's logits into the store next to the data
+    teacher          train or fine-tune the teacher (from imported weights or another workdir's teacher)
+    teacher_logits   precompute the teacher's logits into the store (beside the data, or
+                     config.teacher_logits.store_dir)
     student          distill the student (from stored logits, an online teacher, or CE only)
-    evaluate         teacher and student on val and test: top-1/5, per-class, confusion
-    report           report.md / report.json (the seed's Table 1) and plots
+    evaluate         teacher and student on val and test (val only when the data has no test split)
+    report           report.md / report.json (parameters, MACs, accuracy) and plots
 
 `run(config, workdir)` runs the stages not yet done and skips finished ones
 (each leaves `<workdir>/stages/<stage>.json`), so a rerun of a finished
 experiment only prints its report, and a killed run resumes where it stopped.
 The config is checked before any compute (`validate`); the config of the first
-run is kept in `<workdir>/config.json` and a rerun with a different one is
-refused, naming the keys that differ.
+run is kept in `<workdir>/config.json`, and a rerun whose config would change a
+result is refused, naming the keys (keys that change no result, such as batch
+sizes of evaluation or logging, are accepted); the data's identity (its folder
+fingerprint) is kept in `dataset.json` and must not change either. SIGINT and
+SIGTERM stop at the next safe point with the work saved (`StopRequested`).
 """
 from __future__ import annotations
 
@@ -19,7 +23,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import sys
 import time
 from typing import Any, Optional
 
@@ -27,131 +30,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from jaxkd import config as schema
 from jaxkd import models
+from jaxkd.config import ConfigError, compute_dtype, validate
 from jaxkd.train.state import replicate
 from jaxkd.train.step import LossConfig
 
 __all__ = ["STAGES", "run", "validate", "compute_dtype", "ConfigError"]
 
 STAGES = ("teacher", "teacher_logits", "student", "evaluate", "report")
-_TEACHER_SOURCES = ("stored", "online", "none")
-_OPTIMIZER_KEYS = {"optimizer", "learning_rate", "weight_decay", "decay_1d_params", "momentum", "nesterov",
-                   "b1", "b2", "eps", "grad_clip_norm", "schedule", "pct_start", "div_factor",
-                   "final_div_factor", "anneal", "three_phase", "cycle_momentum", "base_momentum",
-                   "max_momentum", "milestones", "milestone_steps", "lr_decay",
-                   "warmup_steps"}
-_STAGE_KEYS = {"model", "model_kwargs", "pretrained", "epochs", "batch_size", "optimizer", "loss",
-               "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "max_steps",
-               "eval_every_epochs", "enabled", "teacher"}
-
-
-class ConfigError(ValueError):
-  """A config value that cannot work; the message names the key and what to do."""
-
-
-# ----------------------------------------------------------------------------- config checks
-
-
-def compute_dtype(config) -> Any:
-  """config.dtype: 'auto' (bfloat16 on GPU/TPU, float32 on CPU), 'float32' or 'bfloat16'."""
-  name = config.get("dtype", "auto")
-  if name == "auto":
-    return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu", "cuda", "rocm") else jnp.float32
-  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
-
-
-def _loss_fields() -> set[str]:
-  return {f.name for f in dataclasses.fields(LossConfig)} | {"warmup_epochs"}
-
-
-def _check_keys(d, allowed: set[str], where: str) -> None:
-  unknown = sorted(set(d.keys()) - allowed)
-  if unknown:
-    raise ConfigError(f"unknown key(s) {', '.join(f'{where}.{k}' for k in unknown)}; allowed: "
-                      f"{', '.join(sorted(allowed))}")
-
-
-def _validate_stage(stage, where: str, num_devices: int) -> None:
-  _check_keys(stage, _STAGE_KEYS, where)
-  if stage.model not in models.names():
-    raise ConfigError(f"{where}.model={stage.model!r} is not a registered model; choose one of "
-                      f"{', '.join(models.names())}")
-  if int(stage.epochs) < 0:
-    raise ConfigError(f"{where}.epochs={stage.epochs} must be >= 0")
-  bs = int(stage.batch_size)
-  if bs <= 0 or bs % num_devices:
-    raise ConfigError(f"{where}.batch_size={bs} must be a positive multiple of the {num_devices} devices "
-                      f"(global batch, split over the 'data' mesh axis)")
-  _check_keys(stage.optimizer, _OPTIMIZER_KEYS, f"{where}.optimizer")
-  if float(stage.optimizer.get("learning_rate", 1e-3)) <= 0:
-    raise ConfigError(f"{where}.optimizer.learning_rate={stage.optimizer.learning_rate} must be > 0")
-  _check_keys(stage.loss, _loss_fields(), f"{where}.loss")
-  try:
-    loss = LossConfig.from_config(stage.loss)
-  except (ValueError, TypeError) as e:
-    raise ConfigError(f"{where}.loss: {e}") from e
-  t = loss.temperature
-  if not callable(t) and float(t) <= 0:
-    raise ConfigError(f"{where}.loss.temperature={t} must be > 0")
-
-
-def validate(config, *, num_devices: Optional[int] = None) -> None:
-  """Checks everything that can be checked without compute; raises ConfigError naming the key."""
-  num_devices = num_devices or jax.device_count()
-  _check_keys(config, {"seed", "dtype", "data", "augment", "teacher", "teacher_logits", "student",
-                       "evaluate", "report", "name"}, "config")
-  if config.get("dtype", "auto") not in ("auto", "float32", "bfloat16"):
-    raise ConfigError(f"config.dtype={config.dtype!r}: use 'auto', 'float32' or 'bfloat16'")
-  from jaxkd.data import SOURCE_NAMES, AugmentConfig
-  data = config.data
-  _check_keys(data, {"name", "data_dir", "manual_dir", "val_fraction", "split_seed", "download", "version",
-                     "num_parallel_calls"}, "config.data")
-  if data.name not in SOURCE_NAMES:
-    raise ConfigError(f"config.data.name={data.name!r}: use one of {', '.join(SOURCE_NAMES)}")
-  if data.get("manual_dir") and data.name in ("food101_local", "image_folder"):
-    path = pathlib.Path(os.path.expanduser(data.manual_dir))
-    if not path.is_dir():
-      raise ConfigError(f"config.data.manual_dir={data.manual_dir!r} does not exist (resolved to "
-                        f"{path.resolve()}); point it at your extracted data")
-  if not 0.0 < float(data.get("val_fraction", 0.2)) < 1.0:
-    raise ConfigError(f"config.data.val_fraction={data.val_fraction} must be in (0, 1)")
-  try:
-    AugmentConfig.from_mapping(config.augment)
-  except (ValueError, TypeError) as e:
-    raise ConfigError(f"config.augment: {e}") from e
-  if not config.teacher.enabled and not config.student.enabled:
-    raise ConfigError("config.teacher.enabled and config.student.enabled are both False: nothing to do")
-  if config.teacher.enabled:
-    _validate_stage(config.teacher, "config.teacher", num_devices)
-  if config.student.enabled:
-    _validate_stage(config.student, "config.student", num_devices)
-    source = config.student.get("teacher", "stored")
-    if source not in _TEACHER_SOURCES:
-      raise ConfigError(f"config.student.teacher={source!r}: use one of {_TEACHER_SOURCES}")
-    loss = LossConfig.from_config(config.student.loss)
-    if loss.needs_teacher:
-      if source == "none":
-        raise ConfigError(f"config.student.loss.kind={loss.kind!r} distills, but config.student.teacher='none'; "
-                          "use 'stored' or 'online', or kind='ce'")
-      if not config.teacher.enabled:
-        raise ConfigError("config.student.loss distills but config.teacher.enabled=False; enable the teacher "
-                          "stage (epochs=0 with a pretrained checkpoint to use imported weights as they are)")
-      if loss.feature_losses and source != "online":
-        raise ConfigError("feature losses need the teacher's features: set config.student.teacher='online'")
-  if config.teacher.enabled and int(config.teacher.epochs) == 0 and not config.teacher.get("pretrained"):
-    raise ConfigError("config.teacher.epochs=0 needs config.teacher.pretrained=<checkpoint path>")
-  for role in ("teacher", "student"):
-    path = config[role].get("pretrained")
-    if path and not path.startswith("torchvision") and not pathlib.Path(os.path.expanduser(path)).is_file():
-      raise ConfigError(f"config.{role}.pretrained={path!r} is not a file: give a PyTorch checkpoint "
-                        "(.safetensors, or .pth with torch installed) or 'torchvision' / "
-                        "'torchvision:IMAGENET1K_V2' to download torchvision's ImageNet weights")
-  for split in config.evaluate.splits:
-    if split not in ("train", "val", "test"):
-      raise ConfigError(f"config.evaluate.splits contains {split!r}; use 'train', 'val' or 'test'")
-  if int(config.evaluate.batch_size) % num_devices:
-    raise ConfigError(f"config.evaluate.batch_size={config.evaluate.batch_size} must be a multiple of the "
-                      f"{num_devices} devices")
 
 
 # ----------------------------------------------------------------------------- workdir bookkeeping
@@ -161,13 +48,30 @@ def _config_json(config) -> dict:
   return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
-def _diff(a: Any, b: Any, prefix: str = "config") -> list[str]:
-  if isinstance(a, dict) and isinstance(b, dict):
-    out = []
-    for k in sorted(set(a) | set(b)):
-      out += _diff(a.get(k, "<missing>"), b.get(k, "<missing>"), f"{prefix}.{k}")
-    return out
-  return [] if a == b else [f"{prefix}: {a!r} -> {b!r}"]
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(d, dict):
+    out = {}
+    for k, v in d.items():
+      out.update(_flat(v, f"{prefix}{k}."))
+    return out if out or not prefix else {prefix[:-1]: {}}
+  return {prefix[:-1]: d}
+
+
+def _changes_result(key: str) -> bool:
+  # The folder given as data.manual_dir is compared by what it holds (the dataset fingerprint in
+  # dataset.json, see Workdir.check_dataset), not by its path.
+  return key != "data.manual_dir" and schema.changes_result(key)
+
+
+def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
+  """(result-changing, harmless) differences between two configs, as 'key: old -> new' lines."""
+  a, b = _flat(saved), _flat(current)
+  changing, harmless = [], []
+  for key in sorted(set(a) | set(b)):
+    old, new = a.get(key, "<missing>"), b.get(key, "<missing>")
+    if old != new:
+      (changing if _changes_result(key) else harmless).append(f"{key}: {old!r} -> {new!r}")
+  return changing, harmless
 
 
 class Workdir:
@@ -184,21 +88,62 @@ class Workdir:
     if jax.process_index() != 0:
       return
     marker = self.path / "stages" / f"{stage}.json"
-    tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"stage": stage, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info},
-                              indent=2))
-    os.replace(tmp, marker)
+    _write_json(marker, {"stage": stage, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info})
 
-  def check_config(self, config) -> None:
+  def check_config(self, config) -> list[str]:
+    """Refuses a config whose results would differ from the first run's; returns the harmless changes."""
     saved = self.path / "config.json"
     current = _config_json(config)
-    if saved.exists():
-      differences = _diff(json.loads(saved.read_text()), current)
-      if differences:
-        raise ConfigError(f"{self.path} holds an experiment with a different config:\n  " +
-                          "\n  ".join(differences) + "\nuse a new --workdir for a new experiment")
-    elif jax.process_index() == 0:
-      saved.write_text(json.dumps(current, indent=2, sort_keys=True))
+    if not saved.exists():
+      if jax.process_index() == 0:
+        _write_json(saved, current)
+      return []
+    saved_config = schema.fill_defaults(ml_collections.ConfigDict(json.loads(saved.read_text())))
+    changing, harmless = config_changes(_config_json(saved_config), current)
+    if changing:
+      reuse = ""
+      if self.done("teacher") and (self.path / "teacher" / "final_variables").exists():
+        reuse = (f"; to reuse its finished teacher there, add --config.teacher.pretrained={self.path} "
+                 "--config.teacher.epochs=0")
+      raise ConfigError(f"{self.path} holds a run whose results this config would change ("
+                        + "; ".join(f"config.{c}" for c in changing)
+                        + f"): use a new --workdir for a new experiment{reuse}")
+    return harmless
+
+  def check_dataset(self, source) -> None:
+    """The data a workdir was made with must not change under it (a different or edited folder)."""
+    path = self.path / "dataset.json"
+    current = _dataset_identity(source)
+    if not path.exists():
+      if jax.process_index() == 0:
+        _write_json(path, current)
+      return
+    saved = json.loads(path.read_text())
+    changed = [k for k in ("name", "version", "num_classes", "num_examples") if saved.get(k) != current.get(k)]
+    if changed:
+      what = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
+      raise ConfigError(f"the data differs from the data {self.path} was made with ({what}): the folder "
+                        "was changed or another one given; use a new --workdir for the new data")
+
+
+def _write_json(path: pathlib.Path, obj) -> None:
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+  os.replace(tmp, path)
+
+
+def _has_split(source, split: str) -> bool:
+  splits = getattr(source, "splits", None)
+  if splits is not None:
+    return split in splits
+  if split == "test":
+    return bool(getattr(source, "has_test", True))
+  return True
+
+
+def _dataset_identity(source) -> dict:
+  return {"name": source.name, "version": source.version, "num_classes": source.num_classes,
+          "num_examples": {s: source.num_examples(s) for s in ("train", "val", "test") if _has_split(source, s)}}
 
 
 # ----------------------------------------------------------------------------- stages
@@ -213,8 +158,8 @@ def _image_size(config) -> int:
   return int(config.augment.image_size)
 
 
-def _variables_dir(workdir: Workdir, role: str) -> pathlib.Path:
-  return workdir.path / role / "final_variables"
+def _variables_dir(workdir: pathlib.Path, role: str) -> pathlib.Path:
+  return pathlib.Path(workdir) / role / "final_variables"
 
 
 def _save_variables(path: pathlib.Path, variables) -> None:
@@ -232,19 +177,58 @@ def _load_variables(path: pathlib.Path, model, image_size: int):
     return ckptr.restore(path.resolve(), abstract)
 
 
-def _pretrained_variables(ctx: "_Context", role: str):
-  """Variables imported from config.<role>.pretrained (a checkpoint file or 'torchvision[:WEIGHTS]'), or None."""
+def finished_workdir_teacher(path: str) -> Optional[pathlib.Path]:
+  """The workdir folder when `path` is a jaxkd workdir with a finished teacher stage, else None."""
+  p = pathlib.Path(os.path.expanduser(path))
+  if p.is_dir() and (p / "stages" / "teacher.json").is_file() and _variables_dir(p, "teacher").is_dir():
+    return p
+  return None
+
+
+def _workdir_teacher_variables(ctx: "_Context", old: pathlib.Path, model):
+  """The teacher of a finished workdir, for reuse in this one (same model and classes, else an error)."""
+  old_config = json.loads((old / "config.json").read_text())
+  stage = ctx.config.teacher
+  want = {"model": stage.model, "model_kwargs": _model_kwargs(stage)}
+  have = {"model": old_config["teacher"]["model"],
+          "model_kwargs": {k: v for k, v in old_config["teacher"].get("model_kwargs", {}).items()
+                           if v is not None}}
+  if want != have:
+    raise ConfigError(f"config.teacher.pretrained={str(old)!r}: that workdir's teacher is {have}, this config "
+                      f"asks for {want}; set --config.teacher.model (and model_kwargs) to match")
+  old_data = old / "dataset.json"
+  if old_data.exists():
+    classes = json.loads(old_data.read_text())["num_classes"]
+    if classes != ctx.source.num_classes:
+      raise ConfigError(f"config.teacher.pretrained={str(old)!r}: that teacher has {classes} classes, the data "
+                        f"has {ctx.source.num_classes}; reuse a teacher trained on the same classes")
+  _log(f"teacher: reusing the finished teacher of {old}")
+  return _load_variables(_variables_dir(old, "teacher"), model, _image_size(ctx.config))
+
+
+def _pretrained_variables(ctx: "_Context", role: str, model):
+  """Variables from config.<role>.pretrained (a checkpoint file, 'torchvision[:WEIGHTS]' or, for the
+  teacher, a finished jaxkd workdir), or None."""
   stage = ctx.config[role]
   path = stage.get("pretrained")
   if not path:
     return None
+  old = finished_workdir_teacher(path)
+  if old is not None:
+    if role != "teacher":
+      raise ConfigError(f"config.{role}.pretrained={path!r} is a workdir: only the teacher can be reused that way")
+    return _workdir_teacher_variables(ctx, old, model)
   _log(f"{role}: importing pretrained weights from {path}")
   return models.load_pretrained(stage.model, path if path.startswith("torchvision") else os.path.expanduser(path),
-                                num_classes=ctx.source.num_classes, model_kwargs=dict(stage.get("model_kwargs", {})))
+                                num_classes=ctx.source.num_classes, model_kwargs=_model_kwargs(stage))
+
+
+def _model_kwargs(stage) -> dict:
+  return schema.model_kwargs(stage)
 
 
 def _create(stage, num_classes: int, dtype):
-  return models.create(stage.model, num_classes=num_classes, dtype=dtype, **dict(stage.get("model_kwargs", {})))
+  return models.create(stage.model, num_classes=num_classes, dtype=dtype, **_model_kwargs(stage))
 
 
 def _preprocessing(config) -> dict:
@@ -261,29 +245,47 @@ class _Context:
   source: Any
   mesh: Any
   dtype: Any
-  preemption: Any
+  stop: Any  # PreemptionFlag: SIGINT / SIGTERM asked to stop at the next safe point
   progress: bool
 
+  def check_stop(self, where: str) -> None:
+    from jaxkd.train.checkpoint import StopRequested
+    if self.stop is not None and self.stop.requested:
+      raise StopRequested(self.stop.signum, where)
 
-def _train_stage(ctx: _Context, role: str, *, teacher_model=None, teacher_variables=None, teacher_lookup=None,
-                 init_variables=None):
+  def eval_splits(self) -> list[str]:
+    return [s for s in self.config.evaluate.splits if _has_split(self.source, s)]
+
+
+def _steps_text(ctx: _Context, stage) -> str:
+  from jaxkd.data import pipeline
+  spe = pipeline.steps_per_epoch(ctx.source, "train", global_batch_size=int(stage.batch_size))
+  total = int(stage.epochs) * spe
+  cap = stage.get("max_steps")
+  if cap and int(cap) < total:
+    return f"{int(cap)} steps (max_steps; {stage.epochs} epochs would be {total} steps of {spe} per epoch)"
+  return f"{stage.epochs} epochs ({total} steps of batch {stage.batch_size})"
+
+
+def _train_stage(ctx: _Context, role: str, model, *, teacher_model=None, teacher_variables=None,
+                 teacher_lookup=None, init_variables=None):
+  from jaxkd.train.checkpoint import StopRequested
   from jaxkd.train.loop import fit
   stage = ctx.config[role]
-  model = _create(stage, ctx.source.num_classes, ctx.dtype)
+  eval_split = "val" if _has_split(ctx.source, "val") else None
   result = fit(model=model, stage_config=stage, source=ctx.source, augment=dict(ctx.config.augment),
                mesh=ctx.mesh, stage_dir=ctx.workdir.path / role, seed=int(ctx.config.seed),
                image_size=_image_size(ctx.config), teacher_model=teacher_model,
                teacher_variables=teacher_variables, teacher_lookup=teacher_lookup, init_variables=init_variables,
-               eval_batch_size=int(ctx.config.evaluate.batch_size), preemption=ctx.preemption,
+               eval_split=eval_split, eval_batch_size=int(ctx.config.evaluate.batch_size), preemption=ctx.stop,
                num_parallel_calls=ctx.config.data.get("num_parallel_calls"), progress=ctx.progress, desc=role)
   if result.preempted:
-    _log(f"{role}: preempted at step {result.steps}; checkpoint saved. Rerun the same command to resume.")
-    sys.exit(0)
+    raise StopRequested(ctx.stop.signum, f"during {role} training at step {result.steps}; checkpoint saved")
   variables = result.state.variables()
-  _save_variables(_variables_dir(ctx.workdir, role), variables)
+  _save_variables(_variables_dir(ctx.workdir.path, role), variables)
   ctx.workdir.mark(role, {"steps": result.steps, "val": None if result.val is None else
                           {k: result.val[k] for k in ("top1", "top5", "loss", "num_examples")}})
-  return model, variables
+  return variables
 
 
 def _teacher(ctx: _Context):
@@ -291,23 +293,48 @@ def _teacher(ctx: _Context):
   stage = ctx.config.teacher
   model = _create(stage, ctx.source.num_classes, ctx.dtype)
   if ctx.workdir.done("teacher"):
-    return model, _load_variables(_variables_dir(ctx.workdir, "teacher"), model, _image_size(ctx.config))
-  init = _pretrained_variables(ctx, "teacher")
+    return model, _load_variables(_variables_dir(ctx.workdir.path, "teacher"), model, _image_size(ctx.config))
+  init = _pretrained_variables(ctx, "teacher", model)
   if int(stage.epochs) == 0:
-    _save_variables(_variables_dir(ctx.workdir, "teacher"), init)
+    _save_variables(_variables_dir(ctx.workdir.path, "teacher"), init)
     ctx.workdir.mark("teacher", {"steps": 0, "val": None, "pretrained": stage.pretrained})
     return model, init
-  _log(f"teacher: training {stage.model} for {stage.epochs} epochs")
-  return _train_stage(ctx, "teacher", init_variables=init)
+  _log(f"teacher: training {stage.model} for {_steps_text(ctx, stage)}")
+  return model, _train_stage(ctx, "teacher", model, init_variables=init)
 
 
 def _store_root(ctx: _Context) -> pathlib.Path:
-  """The TFDS data_dir the source lives in (stores are kept next to the data)."""
+  """Where teacher-logit stores live: config.teacher_logits.store_dir, else next to the data."""
+  chosen = ctx.config.teacher_logits.get("store_dir")
+  if chosen:
+    return pathlib.Path(os.path.expanduser(chosen))
   builder = getattr(ctx.source, "builder", None)
   if builder is not None:
     return pathlib.Path(os.fspath(builder.data_dir_root))
   root = ctx.config.data.get("data_dir") or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
   return pathlib.Path(os.path.expanduser(root))
+
+
+def _needs_store(config) -> bool:
+  if not (config.student.enabled and config.teacher.enabled):
+    return False
+  loss = LossConfig.from_config(config.student.loss)
+  return loss.needs_teacher and config.student.get("teacher", "stored") == "stored"
+
+
+def _check_store_writable(ctx: _Context) -> None:
+  """Refuses, before any training, a store location the logit precompute could not write to."""
+  import tempfile
+  base = _store_root(ctx) / ctx.source.name / ctx.source.version / "teacher_logits"
+  key = ("config.teacher_logits.store_dir" if ctx.config.teacher_logits.get("store_dir")
+         else "the default store location (beside the data; config.teacher_logits.store_dir)")
+  try:
+    base.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=base, prefix=".write-check-"):
+      pass
+  except OSError as e:
+    raise ConfigError(f"{key}: cannot write the teacher-logit store under {base} ({e.strerror or e}); "
+                      "set --config.teacher_logits.store_dir to a writable folder") from None
 
 
 def _teacher_store(ctx: _Context, teacher_model, teacher_variables):
@@ -317,41 +344,40 @@ def _teacher_store(ctx: _Context, teacher_model, teacher_variables):
   from jaxkd.train.step import make_eval_step
 
   tid = teacher_store.teacher_id(ctx.config.teacher.model, teacher_variables)
-  data_dir = _store_root(ctx)
   split = "train"
-  store_dir = teacher_store.store_path(data_dir, ctx.source.name, ctx.source.version, tid, split)
+  store_dir = teacher_store.store_path(_store_root(ctx), ctx.source.name, ctx.source.version, tid, split)
   expect = dict(dataset=ctx.source.name, version=ctx.source.version, split=split,
                 num_classes=ctx.source.num_classes, teacher_id=tid, preprocessing=_preprocessing(ctx.config))
-  hint = "rerun main.py with the same --config and --workdir"
+  hint = (f"delete the folder {store_dir} (and {teacher_store.partial_path(store_dir).name} beside it, if "
+          "present) and rerun the same command: the next run recomputes it")
   if store_dir.exists():
-    store = teacher_store.TeacherStore.open(store_dir, expect=expect, hint=hint)
-  else:
-    _log(f"teacher_logits: precomputing {tid} on {ctx.source.name}/{split} into {store_dir}")
-    eval_step = make_eval_step(teacher_model, ctx.mesh)
-    variables = replicate(teacher_variables, ctx.mesh)
-    batch_size = int(ctx.config.teacher_logits.get("batch_size", ctx.config.evaluate.batch_size))
+    return teacher_store.TeacherStore.open(store_dir, expect=expect, hint=hint)
+  _log(f"teacher_logits: precomputing {tid} on {ctx.source.name}/{split} into {store_dir}")
+  eval_step = make_eval_step(teacher_model, ctx.mesh)
+  variables = replicate(teacher_variables, ctx.mesh)
+  batch_size = int(ctx.config.teacher_logits.get("batch_size", ctx.config.evaluate.batch_size))
 
-    def batches(start_batch: int = 0):
-      it = pipeline.eval_batches(ctx.source, split, global_batch_size=batch_size, augment=dict(ctx.config.augment),
-                                 image_size=_image_size(ctx.config),
-                                 num_parallel_calls=ctx.config.data.get("num_parallel_calls"))
-      for i, b in enumerate(it):
-        if i >= start_batch:
-          yield b
+  def batches(start_batch: int = 0):
+    it = pipeline.eval_batches(ctx.source, split, global_batch_size=batch_size, augment=dict(ctx.config.augment),
+                               image_size=_image_size(ctx.config),
+                               num_parallel_calls=ctx.config.data.get("num_parallel_calls"))
+    for i, b in enumerate(it):
+      if i >= start_batch:
+        ctx.check_stop(f"during the teacher-logit precompute (batch {i}); the finished batches are kept")
+        yield b
 
-    def apply_fn(images):
-      n = images.shape[0]
-      dummy = {"image": images, "label": jnp.zeros((n,), jnp.int32)}
-      on_device = pipeline.to_device(dummy, ctx.mesh)
-      return eval_step(variables, on_device)["logits"]
+  def apply_fn(images):
+    n = images.shape[0]
+    dummy = {"image": images, "label": jnp.zeros((n,), jnp.int32)}
+    on_device = pipeline.to_device(dummy, ctx.mesh)
+    return eval_step(variables, on_device)["logits"]
 
-    store = teacher_store.precompute(
-        batches, apply_fn, dataset=ctx.source.name, version=ctx.source.version, split=split, teacher_id=tid,
-        num_examples=ctx.source.num_examples(split), num_classes=ctx.source.num_classes,
-        class_names=list(ctx.source.class_names), preprocessing=_preprocessing(ctx.config),
-        teacher_info={"model": ctx.config.teacher.model}, store_dir=store_dir,
-        dtype=ctx.config.teacher_logits.get("dtype", "float16"), progress=ctx.progress, hint=hint)
-  return store
+  return teacher_store.precompute(
+      batches, apply_fn, dataset=ctx.source.name, version=ctx.source.version, split=split, teacher_id=tid,
+      num_examples=ctx.source.num_examples(split), num_classes=ctx.source.num_classes,
+      class_names=list(ctx.source.class_names), preprocessing=_preprocessing(ctx.config),
+      teacher_info={"model": ctx.config.teacher.model}, store_dir=store_dir,
+      dtype=ctx.config.teacher_logits.get("dtype", "float16"), progress=ctx.progress, hint=hint)
 
 
 def _evaluate_stage(ctx: _Context, roles: dict) -> dict:
@@ -365,7 +391,7 @@ def _evaluate_stage(ctx: _Context, roles: dict) -> dict:
   for role, (model, variables) in roles.items():
     eval_step = make_eval_step(model, ctx.mesh)
     on_mesh = replicate(variables, ctx.mesh)
-    for split in ctx.config.evaluate.splits:
+    for split in ctx.eval_splits():
       path = out_dir / f"{role}_{split}.json"
       if path.exists():
         results[(role, split)] = json.loads(path.read_text())
@@ -373,77 +399,122 @@ def _evaluate_stage(ctx: _Context, roles: dict) -> dict:
       batches = pipeline.eval_batches(ctx.source, split, global_batch_size=bs, augment=dict(ctx.config.augment),
                                       image_size=_image_size(ctx.config), mesh=ctx.mesh,
                                       num_parallel_calls=ctx.config.data.get("num_parallel_calls"))
-      res = evaluate_lib.evaluate(eval_step, on_mesh, batches, num_classes=ctx.source.num_classes,
+
+      def checked(batches=batches, role=role, split=split):
+        for b in batches:
+          ctx.check_stop(f"while evaluating the {role} on {split}; finished evaluations are kept")
+          yield b
+
+      res = evaluate_lib.evaluate(eval_step, on_mesh, checked(), num_classes=ctx.source.num_classes,
                                   total=pipeline.num_eval_batches(ctx.source, split, global_batch_size=bs),
                                   desc=f"evaluate {role} {split}", progress=ctx.progress)
       _log(f"evaluate: {role} {split} top-1 {res['top1']:.4f} top-5 {res['top5']:.4f} "
            f"({res['num_examples']} examples)")
       if jax.process_index() == 0:
-        path.write_text(json.dumps(res))
+        _write_json(path, res)
       results[(role, split)] = res
   return results
+
+
+def _teacher_source(config) -> str:
+  loss = LossConfig.from_config(config.student.loss)
+  return config.student.get("teacher", "stored") if loss.needs_teacher else "none"
 
 
 def _student(ctx: _Context, teacher_model, teacher_variables):
   """Returns (student_model, student_variables): precomputes the teacher logits if needed, then distills."""
   wd, cfg = ctx.workdir, ctx.config.student
   loss = LossConfig.from_config(cfg.loss)
-  teacher_source = cfg.get("teacher", "stored") if loss.needs_teacher else "none"
+  teacher_source = _teacher_source(ctx.config)
+  model = _create(cfg, ctx.source.num_classes, ctx.dtype)
+  if wd.done("student"):
+    return model, _load_variables(_variables_dir(wd.path, "student"), model, _image_size(ctx.config))
   lookup = None
-  if teacher_source == "stored" and not wd.done("student"):
+  if teacher_source == "stored":
     store = _teacher_store(ctx, teacher_model, teacher_variables)
-    wd.mark("teacher_logits", {"store": str(store.path), "teacher_id": store.teacher_id})
+    if not wd.done("teacher_logits"):
+      wd.mark("teacher_logits", {"store": str(store.path), "teacher_id": store.teacher_id})
     lookup = store.tf_lookup
   elif not wd.done("teacher_logits"):
     wd.mark("teacher_logits", {"store": None, "skipped": f"the student's teacher is {teacher_source!r}"})
+  ctx.check_stop("after the teacher-logit precompute")
 
-  model = _create(cfg, ctx.source.num_classes, ctx.dtype)
-  if wd.done("student"):
-    return model, _load_variables(_variables_dir(wd, "student"), model, _image_size(ctx.config))
   _log(f"student: training {cfg.model} with loss {loss.kind}{' + perception' if loss.perception else ''} "
-       f"(teacher: {teacher_source}) for {cfg.epochs} epochs")
-  init = _pretrained_variables(ctx, "student")
+       f"(teacher: {teacher_source}) for {_steps_text(ctx, cfg)}")
+  init = _pretrained_variables(ctx, "student", model)
   online = teacher_source == "online"
-  return _train_stage(ctx, "student", teacher_model=teacher_model if online else None,
-                      teacher_variables=teacher_variables if online else None, teacher_lookup=lookup,
-                      init_variables=init)
+  return model, _train_stage(ctx, "student", model, teacher_model=teacher_model if online else None,
+                             teacher_variables=teacher_variables if online else None, teacher_lookup=lookup,
+                             init_variables=init)
+
+
+def _get_source(config):
+  from jaxkd.data import get_source
+  data = config.data
+  kwargs = dict(data_dir=data.get("data_dir"), manual_dir=data.get("manual_dir"),
+                val_fraction=float(data.get("val_fraction", 0.2)), split_seed=int(data.get("split_seed", 0)),
+                download=bool(data.get("download", True)), version=data.get("version"))
+  if data.get("skip_bad_images"):
+    kwargs["skip_bad_images"] = True
+  return get_source(data.name, **kwargs)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
-  """Runs the experiment's unfinished stages; returns the report dict."""
-  from jaxkd.train import report as report_lib
-  from jaxkd.train.checkpoint import install_sigterm_handler
+  """Runs the experiment's unfinished stages; returns the report dict.
+
+  Raises ConfigError for a config that cannot work (before any compute), and
+  jaxkd.train.checkpoint.StopRequested when SIGINT/SIGTERM stopped a stage at a
+  safe point with its work saved (a rerun of the same command resumes).
+  """
+  from jaxkd.train.checkpoint import install_stop_handler
   from jaxkd.train.step import data_mesh
 
   validate(config)
   wd = Workdir(pathlib.Path(workdir))
-  wd.check_config(config)
+  harmless = wd.check_config(config)
+  if harmless:
+    _log("rerun with settings that change no result: " + "; ".join(harmless))
 
   if wd.done("report") and all(wd.done(s) for s in STAGES if s != "report"):
     report = json.loads((wd.path / "report.json").read_text())
     print((wd.path / "report.md").read_text())
     return report
 
-  from jaxkd.data import get_source
-  data = config.data
-  source = get_source(data.name, data_dir=data.get("data_dir"), manual_dir=data.get("manual_dir"),
-                      val_fraction=float(data.get("val_fraction", 0.2)), split_seed=int(data.get("split_seed", 0)),
-                      download=bool(data.get("download", True)), version=data.get("version"))
-  ctx = _Context(config=config, workdir=wd, source=source, mesh=data_mesh(), dtype=compute_dtype(config),
-                 preemption=install_sigterm_handler(), progress=progress)
-  _log(f"{source.name} {source.version}: {source.num_classes} classes, train {source.num_examples('train')} / "
-       f"val {source.num_examples('val')} / test {source.num_examples('test')}; {jax.device_count()} "
-       f"{jax.default_backend()} device(s), compute dtype {jnp.dtype(ctx.dtype).name}")
+  source = _get_source(config)
+  wd.check_dataset(source)
+  stop = install_stop_handler()
+  try:
+    ctx = _Context(config=config, workdir=wd, source=source, mesh=data_mesh(), dtype=compute_dtype(config),
+                   stop=stop, progress=progress)
+    splits = " / ".join(f"{s} {source.num_examples(s)}" for s in ("train", "val", "test") if _has_split(source, s))
+    _log(f"{source.name} {source.version}: {source.num_classes} classes, {splits}; {jax.device_count()} "
+         f"{jax.default_backend()} device(s), compute dtype {jnp.dtype(ctx.dtype).name}")
+    missing = [s for s in config.evaluate.splits if not _has_split(source, s)]
+    if missing:
+      _log(f"evaluate: the data has no {' / '.join(missing)} split; evaluating on {', '.join(ctx.eval_splits())}")
+    if not ctx.eval_splits():
+      raise ConfigError(f"config.evaluate.splits={tuple(config.evaluate.splits)}: the data has none of these "
+                        "splits; use ('val',)")
+    if _needs_store(config) and not wd.done("student"):
+      _check_store_writable(ctx)
+    return _run_stages(ctx)
+  finally:
+    stop.uninstall()
 
+
+def _run_stages(ctx: _Context) -> dict:
+  from jaxkd.train import report as report_lib
+  config, wd, source = ctx.config, ctx.workdir, ctx.source
   roles = {}
-  student_cfg = config.student
   teacher_model = teacher_variables = None
   if config.teacher.enabled:
     teacher_model, teacher_variables = _teacher(ctx)
     roles["teacher"] = (teacher_model, teacher_variables)
+    ctx.check_stop("after the teacher stage")
 
-  if student_cfg.enabled:
+  if config.student.enabled:
     roles["student"] = _student(ctx, teacher_model, teacher_variables)
+    ctx.check_stop("after the student stage")
   else:
     for stage in ("teacher_logits", "student"):
       if not wd.done(stage):
@@ -452,7 +523,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, progre
   results = _evaluate_stage(ctx, roles)
   wd.mark("evaluate", {"results": {f"{r}/{s}": {"top1": v["top1"], "top5": v["top5"]}
                                    for (r, s), v in results.items()}})
-  report = report_lib.write_report(config, wd.path, source=source, results=results)
+  report = report_lib.write_report(config, wd.path, source=source, results=results, splits=ctx.eval_splits(),
+                                   data_splits=[s for s in ("train", "val", "test") if _has_split(source, s)])
   wd.mark("report", {"report": str(wd.path / "report.md")})
   if jax.process_index() == 0:
     print((wd.path / "report.md").read_text())

@@ -212,7 +212,9 @@ def _as_key(value) -> str:
 
 
 def _fail(store_dir, message: str, hint: str | None) -> TeacherStoreError:
-  return TeacherStoreError(f"teacher store {store_dir}: {message}. To fix: {hint or DEFAULT_HINT}, or delete "
+  if hint:  # the caller knows the command that recomputes the store
+    return TeacherStoreError(f"teacher store {store_dir}: {message}. To fix: {hint}.")
+  return TeacherStoreError(f"teacher store {store_dir}: {message}. To fix: {DEFAULT_HINT}, or delete "
                            f"{store_dir} and recompute it.")
 
 

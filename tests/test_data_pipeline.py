@@ -1,12 +1,14 @@
 """Input pipeline: exactly-once eval over 8 devices, sharding, augmentation, determinism, resume.
 
 References are independent: key sets from the meta files / source index, NumPy float64
-normalisation, the MixUp/CutMix definitions.
+normalisation, the MixUp/CutMix definitions, PIL. Every data test runs on generated images
+(tests/imagegen.py) and, when ../shared/data is present, on the real photographs too.
 """
 from __future__ import annotations
 
 import collections
 import itertools
+import math
 
 import jax
 import numpy as np
@@ -23,21 +25,55 @@ def mesh():
 
 
 @pytest.fixture(scope="module")
-def food(shared_data, tmp_path_factory):
-  return data.get_source("food101_local", data_dir=tmp_path_factory.mktemp("tfds"),
-                         manual_dir=shared_data / "food-101-mini")
+def food_dir(data_variant, request):
+  """The food-101/ folder of the variant (generated, or the real food-101-mini)."""
+  if data_variant == "real":
+    return request.getfixturevalue("shared_data") / "food-101-mini" / "food-101"
+  return request.getfixturevalue("generated_food101") / "food-101"
 
 
 @pytest.fixture(scope="module")
-def cifar(shared_data):
-  return data.get_source("image_folder", manual_dir=shared_data / "cifar10-small" / "test")
+def food(food_dir, food101_local_source):
+  return food101_local_source(food_dir.parent)
 
 
-def test_eval_every_example_exactly_once_on_8_devices(food, mesh):
+@pytest.fixture(scope="module")
+def cifar(data_variant, request, tfds_data_dir):
+  """An image-folder source without test/: generated, or the real cifar10-small/test."""
+  if data_variant == "real":
+    root = request.getfixturevalue("shared_data") / "cifar10-small" / "test"
+  else:
+    root = request.getfixturevalue("generated_image_folder_flat")
+  return data.get_source("image_folder", manual_dir=root, data_dir=tfds_data_dir)
+
+
+@pytest.fixture(scope="module")
+def food_images(food_dir, data_variant, request):
+  """(a colour JPEG, the greyscale JPEG or None, the PNG named .jpg or None) of the food tree."""
+  if data_variant == "real":
+    images = food_dir / "images"
+    return images / "apple_pie/1005649.jpg", images / "bread_pudding/1375816.jpg", None
+  tree = request.getfixturevalue("generated_food101_tree")
+  special = (tree.grayscale_key, tree.png_key)
+  colour = next(k for k in tree.train[tree.classes[0]] if k not in special)
+  return tuple(food_dir / "images" / f"{k}.jpg" for k in (colour, tree.grayscale_key, tree.png_key))
+
+
+def _val_counts(source):
+  """{label: val examples}: floor(0.2 n_c + 1/2) of each class's official training images."""
+  counts = collections.Counter(source.index("trainval")[1].tolist())
+  return {c: math.floor(0.2 * n + 0.5) for c, n in counts.items()}
+
+
+def test_eval_every_example_exactly_once_on_8_devices(food, mesh, data_variant):
   n = food.num_examples("val")
-  assert n == 400
+  val_counts = _val_counts(food)
+  assert n == sum(val_counts.values()) and n % 24 != 0  # the last batch is padded
+  if data_variant == "real":
+    assert n == 400 and val_counts[0] == 40
+  num_batches = -(-n // 24)
   batches = list(data.eval_batches(food, "val", global_batch_size=24, image_size=32, mesh=mesh))
-  assert len(batches) == -(-n // 24) == data.num_eval_batches(food, "val", global_batch_size=24)
+  assert len(batches) == num_batches == data.num_eval_batches(food, "val", global_batch_size=24)
   seen, weights, labels = [], [], []
   for b in batches:
     assert b["image"].shape == (24, 32, 32, 3)
@@ -50,11 +86,12 @@ def test_eval_every_example_exactly_once_on_8_devices(food, mesh):
   assert len(seen) == len(set(seen)) == n
   assert set(seen) == set(food.index("val")[0].tolist())
   # Metric "predict class 0 always": the weighted accuracy ignores the padding (which
-  # has label 0); reference = share of class 0 in val = 40 / 400.
+  # has label 0); reference = share of class 0 in val (40 / 400 for the real photos).
   w, y = np.concatenate(weights), np.concatenate(labels)
-  assert w.sum() == n and (w == 0).sum() == 17 * 24 - n
-  np.testing.assert_allclose(np.sum(w * (y == 0)) / np.sum(w), 40 / 400)
-  assert np.mean(y == 0) != pytest.approx(0.1)  # the unweighted mean would be wrong
+  assert w.sum() == n and (w == 0).sum() == num_batches * 24 - n
+  share = val_counts[0] / n
+  np.testing.assert_allclose(np.sum(w * (y == 0)) / np.sum(w), share)
+  assert np.mean(y == 0) != pytest.approx(share)  # the unweighted mean would be wrong
 
 
 def test_eval_simulated_hosts_cover_split_once(cifar):
@@ -85,8 +122,7 @@ def test_train_batches_sharded_along_data(food, mesh):
     data.train_batches(food, "train", global_batch_size=12, augment={"image_size": 32}, mesh=mesh)
 
 
-def test_augment_outputs_shape_dtype_range(shared_data):
-  raw = tf.io.read_file(str(shared_data / "food-101-mini/food-101/images/apple_pie/1005649.jpg"))
+def test_augment_outputs_shape_dtype_range(food_images):
   lo = (0.0 - np.array(augment.MEAN_RGB)) / np.array(augment.STD_RGB)
   hi = (1.0 - np.array(augment.MEAN_RGB)) / np.array(augment.STD_RGB)
   seed = tf.constant([3, 4], tf.int64)
@@ -95,13 +131,15 @@ def test_augment_outputs_shape_dtype_range(shared_data):
       dict(image_size=48, train_crop="resize_random_crop", autoaugment="imagenet"),
       dict(image_size=48, dtype="bfloat16"),
   ]
-  for kw in configs:
+  for path, kw in itertools.product([p for p in food_images if p is not None], configs):
+    raw = tf.io.read_file(str(path))  # colour JPEG, greyscale JPEG, PNG named .jpg
     cfg = augment.AugmentConfig.from_mapping(kw)
     out = augment.train_preprocess(raw, seed, cfg)
-    assert out.shape == (48, 48, 3) and out.dtype == cfg.tf_dtype
+    assert out.shape == (48, 48, 3) and out.dtype == cfg.tf_dtype, path
     x = out.numpy().astype(np.float32)
     assert np.all(x >= lo - 1e-2) and np.all(x <= hi + 1e-2)
     np.testing.assert_array_equal(x, augment.train_preprocess(raw, seed, cfg).numpy().astype(np.float32))
+    assert augment.eval_preprocess(raw, cfg).shape == (48, 48, 3)
   # Eval: normalisation checked in float64 on an image that needs no resizing (PNG input).
   pixels = np.random.default_rng(0).integers(0, 256, size=(40, 40, 3), dtype=np.uint8)
   png = tf.io.encode_png(pixels)
@@ -135,7 +173,10 @@ def test_mixup_cutmix_mix_labels_and_teacher_logits():
   onehot = np.eye(c)
   ref_soft = lam[:, None] * onehot[labels.numpy()] + (1 - lam[:, None]) * onehot[out["mix_label"]]
   np.testing.assert_allclose(out["soft_label"], ref_soft, atol=1e-6)
-  np.testing.assert_allclose(out["teacher_logits"], 3.0 * ref_soft, atol=1e-5)
+  # Stored teacher logits stay each example's own row; the partner's row comes alongside
+  # (the train step mixes the teacher's probabilities with mix_lambda).
+  np.testing.assert_array_equal(out["teacher_logits"], 3.0 * onehot[labels.numpy()])
+  np.testing.assert_array_equal(out["mix_teacher_logits"], 3.0 * onehot[out["mix_label"]])
   cutmix = augment.AugmentConfig(image_size=s, cutmix_alpha=1.0)
   out = {k: v.numpy() for k, v in augment.mix_batch(batch, seed, cutmix, num_classes=c).items()}
   kept = (out["image"][..., 0] == values[:, None, None]).mean(axis=(1, 2))
@@ -148,10 +189,17 @@ def _take(it, n):
   return [next(it) for _ in range(n)]
 
 
-def test_train_stream_deterministic_and_resumable(cifar):
-  kw = dict(global_batch_size=64, augment={"image_size": 16, "color_jitter": (0.4, 0.4, 0.4, 0.1),
+def test_train_stream_deterministic_and_resumable(cifar, data_variant):
+  # Real: 400 val examples in batches of 64 (an epoch ends inside batch 7); generated: 18 in
+  # batches of 8 (inside batch 3). 8 batches always cross an epoch boundary.
+  bs = 64 if data_variant == "real" else 8
+  kw = dict(global_batch_size=bs, augment={"image_size": 16, "color_jitter": (0.4, 0.4, 0.4, 0.1),
                                            "mixup_alpha": 0.2, "random_erasing": 0.3})
-  n = cifar.num_examples("val")  # 400: an epoch ends inside batch 7
+  n = cifar.num_examples("val")
+  full = n // bs  # full batches inside epoch 0
+  assert n % bs != 0 and 2 <= full and n < 8 * bs
+  if data_variant == "real":
+    assert (n, full) == (400, 6)
   first = _take(data.train_batches(cifar, "val", seed=5, **kw), 8)
   again = _take(data.train_batches(cifar, "val", seed=5, **kw), 8)
   other = _take(data.train_batches(cifar, "val", seed=6, **kw), 1)
@@ -159,13 +207,14 @@ def test_train_stream_deterministic_and_resumable(cifar):
     for k in a:
       np.testing.assert_array_equal(a[k], b[k])
   assert not np.array_equal(first[0]["key"], other[0]["key"])
-  # Epoch 0 is a permutation of the split: its first 6 batches hold distinct split keys.
-  epoch0 = np.concatenate([b["key"] for b in first[:6]])
-  assert len(set(epoch0.tolist())) == 384 and set(epoch0.tolist()) <= set(cifar.index("val")[0].tolist())
+  # Epoch 0 is a permutation of the split: its first full batches hold distinct split keys.
+  epoch0 = np.concatenate([b["key"] for b in first[:full]])
+  assert len(set(epoch0.tolist())) == full * bs
+  assert set(epoch0.tolist()) <= set(cifar.index("val")[0].tolist())
   keys = np.concatenate([b["key"] for b in first])
   assert collections.Counter(keys[:n].tolist()).most_common(1)[0][1] == 1
   # Resume inside epoch 0 and across the epoch boundary.
-  for start in (3, 6):
+  for start in (full // 2, full):
     resumed = _take(data.train_batches(cifar, "val", seed=5, start_step=start, **kw), 8 - start)
     for a, b in zip(first[start:], resumed):
       for k in a:
@@ -191,12 +240,10 @@ def test_teacher_logits_joined_by_key_after_shuffle(food):
     np.testing.assert_array_equal(batch["teacher_logits"], logits[[row_of[k] for k in batch["key"]]])
 
 
-def test_pixel_ops_match_pil(shared_data):
+def test_pixel_ops_match_pil(food_images):
   pil_image = pytest.importorskip("PIL.Image")
   pil_ops = pytest.importorskip("PIL.ImageOps")
-  path = shared_data / "food-101-mini/food-101/images/baklava/1006121.jpg"
-  if not path.exists():
-    path = next((shared_data / "food-101-mini/food-101/images/baklava").iterdir())
+  path = food_images[0]
   img = pil_image.open(path).convert("RGB").resize((64, 48))
   x = tf.constant(np.asarray(img), tf.float32)
   no = tf.constant(False)

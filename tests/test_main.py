@@ -1,8 +1,13 @@
-"""End-to-end: `python main.py --config=configs/food101_mini.py` on the real food-101-mini photos,
-shrunk to a few steps (32 px, CIFAR-size models). Runs main.py in subprocesses, as a user would."""
+"""End-to-end: `python main.py --config=configs/food101_mini.py`, as a user runs it, in subprocesses.
+
+Every test runs on generated image folders (tests/imagegen.py), so a fresh clone without
+../shared runs them all; the full pipeline also runs on the real food-101-mini photographs when
+they are present. The runs are shrunk to a few steps (32 px, CIFAR-size models).
+"""
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +18,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-# A tiny but complete experiment: teacher 1 epoch-fraction, logits, KD student, evaluate, report.
+# A tiny but complete experiment: teacher a few steps, logits, KD student, evaluate, report.
 TINY = [
     "--config.augment.image_size=32",
     "--config.teacher.model=resnet8", "--config.student.model=resnet8", "--config.student.model_kwargs={}",
@@ -36,21 +41,27 @@ def _env():
   return env
 
 
-def _cmd(workdir, mini, *extra):
-  images, data_dir = mini
+def _cmd(workdir, data, *extra):
+  folder, data_dir = data
   return [sys.executable, str(ROOT / "main.py"), "--config=configs/food101_mini.py", f"--workdir={workdir}",
-          f"--config.data.data_dir={data_dir}", f"--config.data.manual_dir={images}", *TINY, *extra]
+          f"--config.data.data_dir={data_dir}", f"--config.data.manual_dir={folder}", *TINY, *extra]
 
 
-def _run(workdir, mini, *extra, timeout=600):
-  return subprocess.run(_cmd(workdir, mini, *extra), cwd=ROOT, env=_env(), capture_output=True, text=True,
+def _run(workdir, data, *extra, timeout=600):
+  return subprocess.run(_cmd(workdir, data, *extra), cwd=ROOT, env=_env(), capture_output=True, text=True,
                         timeout=timeout)
 
 
+def _errors(proc) -> list[str]:
+  """stderr lines that are jaxkd's own (TensorFlow / absl print start-up chatter there)."""
+  return [l for l in proc.stderr.splitlines() if l.startswith(("config error", "data error", "store error",
+                                                                "stopped", "interrupted", "Traceback"))]
+
+
 @pytest.fixture(scope="module")
-def mini(shared_data, tmp_path_factory):
-  """(the food-101-mini folder, a TFDS data_dir shared by the tests of this module)."""
-  return shared_data / "food-101-mini", tmp_path_factory.mktemp("tfds")
+def food(generated_food101, tfds_data_dir):
+  """(generated Food-101-layout folder, the session's TFDS data_dir)."""
+  return generated_food101, tfds_data_dir
 
 
 def _load_final(path):
@@ -59,79 +70,202 @@ def _load_final(path):
     return ckptr.restore(pathlib.Path(path).resolve())
 
 
-def test_full_pipeline_then_rerun_is_a_noop(mini, tmp_path):
-  wd = tmp_path / "run"
-  first = _run(wd, mini)
-  assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+def _assert_same_variables(a_dir, b_dir):
+  import jax
+  la, lb = jax.tree.leaves(_load_final(a_dir)), jax.tree.leaves(_load_final(b_dir))
+  assert len(la) == len(lb) > 0
+  for x, y in zip(la, lb):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _check_finished_run(wd, proc, num_val):
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   for stage in ("teacher", "teacher_logits", "student", "evaluate", "report"):
     assert (wd / "stages" / f"{stage}.json").exists(), stage
   report = json.loads((wd / "report.json").read_text())
   roles = {m["role"]: m for m in report["models"]}
   assert set(roles) == {"teacher", "student"}
   assert roles["teacher"]["params"] == roles["student"]["params"] > 0
-  assert roles["student"]["val"]["num_examples"] == 400  # 20% of 2,000, every example once
+  assert roles["student"]["val"]["num_examples"] == num_val  # every example once
   assert 0.0 <= roles["student"]["val"]["top1"] <= 1.0
-  assert (wd / "report.md").read_text().startswith("# ")
+  # The title describes what ran (not the config file's name), and the config's published reference
+  # (MobileNetV3-Small + ECA from ResNet-18) is not shown for resnet8 -> resnet8.
+  assert report["title"].startswith("food101_local") and "resnet8 -> resnet8, KD" in report["title"]
+  assert report["reference"] == {}
+  assert (wd / "report.md").read_text().startswith(f"# {report['title']}")
   assert (wd / "plots" / "training_curves.png").stat().st_size > 1000
-  store = json.loads((wd / "stages" / "teacher_logits.json").read_text())["store"]
-  assert pathlib.Path(store, "manifest.json").exists()
-  # Metrics and TensorBoard events.
+  store = pathlib.Path(json.loads((wd / "stages" / "teacher_logits.json").read_text())["store"])
+  assert (store / "manifest.json").exists()
   lines = (wd / "student" / "metrics.jsonl").read_text().splitlines()
   assert any(json.loads(l)["kind"] == "train" and "kd" in json.loads(l) for l in lines)
   assert list((wd / "student" / "tensorboard").glob("events.out.tfevents.*"))
+  assert "6 steps (max_steps" in proc.stdout  # not "10 epochs"
+  assert "[teacher] step 6/6" in proc.stdout  # --progress=false still reports progress
+  return store
 
-  second = _run(wd, mini)
+
+@pytest.fixture(scope="module")
+def finished(food, generated_food101_tree, tmp_path_factory):
+  """A finished tiny run on the generated folder, checked: (workdir, its teacher-logit store)."""
+  wd = tmp_path_factory.mktemp("finished") / "run"
+  num_val = sum(int(0.2 * len(keys) + 0.5) for keys in generated_food101_tree.train.values())
+  return wd, _check_finished_run(wd, _run(wd, food), num_val)
+
+
+def test_full_pipeline(data_variant, request, tfds_data_dir, tmp_path):
+  if data_variant == "generated":
+    wd, store = request.getfixturevalue("finished")  # the fixture ran and checked it
+    assert (wd / "report.md").exists() and store.is_dir()
+    return
+  photos = request.getfixturevalue("shared_data") / "food-101-mini"
+  wd = tmp_path / "run"
+  _check_finished_run(wd, _run(wd, (photos, tfds_data_dir)), 400)  # 20% of each class's 200 images
+
+
+def test_rerun_accepts_harmless_changes_and_refuses_others(food, finished, tmp_path):
+  folder, data_dir = food
+  wd, _ = finished
+  # A rerun prints the report; settings that change no result (eval batch size, logging, the same
+  # folder by another path) are accepted.
+  alias = tmp_path / "alias"
+  alias.symlink_to(folder, target_is_directory=True)
+  second = _run(wd, (alias, data_dir), "--config.evaluate.batch_size=80", "--config.student.log_every_steps=3")
   assert second.returncode == 0, second.stderr[-3000:]
   assert "| resnet8 | student |" in second.stdout
-  assert "[jaxkd]" not in second.stdout  # no stage ran again: only the report is printed
-  # A different config in the same workdir is refused, naming the key.
-  third = _run(wd, mini, "--config.student.loss.temperature=2.0")
+  assert ": training" not in second.stdout and "evaluate:" not in second.stdout  # no stage ran again
+  assert "settings that change no result:" in second.stdout and "evaluate.batch_size: 200 -> 80" in second.stdout
+  # A result-changing key is refused in one line naming it, saying how to reuse the teacher.
+  third = _run(wd, food, "--config.student.loss.temperature=2.0")
   assert third.returncode == 2
-  assert "config.student.loss.temperature" in third.stderr
+  (err,) = _errors(third)
+  assert err.startswith("config error") and "config.student.loss.temperature" in err
+  assert f"--config.teacher.pretrained={wd}" in err
 
 
-def test_config_errors_before_compute(mini, tmp_path):
-  bad = _run(tmp_path / "a", mini, "--config.student.batch_size=60")
+def test_reuse_a_finished_teacher_and_a_damaged_store(food, finished, tmp_path):
+  wd, store = finished
+  # Reusing the finished teacher in a new workdir: no teacher training, and the same logit store.
+  wd2 = tmp_path / "reuse"
+  reuse = ["--config.student.loss.temperature=2.0", f"--config.teacher.pretrained={wd}",
+           "--config.teacher.epochs=0"]
+  fourth = _run(wd2, food, *reuse)
+  assert fourth.returncode == 0, fourth.stderr[-3000:]
+  assert "teacher: training" not in fourth.stdout and "precomputing" not in fourth.stdout
+  assert json.loads((wd2 / "stages" / "teacher_logits.json").read_text())["store"] == str(store)
+  _assert_same_variables(wd / "teacher" / "final_variables", wd2 / "teacher" / "final_variables")
+
+  # A damaged store: one line whose advice works.
+  (store / "manifest.json").write_text("{not json")
+  wd3 = tmp_path / "damaged"
+  fifth = _run(wd3, food, *reuse)
+  assert fifth.returncode == 2, fifth.stderr[-3000:]
+  (err,) = _errors(fifth)
+  assert err.startswith("store error") and f"delete the folder {store}" in err
+  shutil.rmtree(store)
+  sixth = _run(wd3, food, *reuse)
+  assert sixth.returncode == 0, sixth.stderr[-3000:]
+  assert (store / "manifest.json").exists()
+
+
+def test_config_errors_before_compute(food, tmp_path):
+  bad = _run(tmp_path / "a", food, "--config.student.batch_size=60")
   assert bad.returncode == 2 and "config.student.batch_size=60" in bad.stderr
   assert not (tmp_path / "a" / "teacher").exists()
-  missing = _run(tmp_path / "b", mini, "--config.data.manual_dir=/nonexistent/food")
+  missing = _run(tmp_path / "b", (tmp_path / "nonexistent" / "food", food[1]))
   assert missing.returncode == 2 and "config.data.manual_dir" in missing.stderr
-  typo = _run(tmp_path / "c", mini, "--config.student.epochz=3")
-  assert typo.returncode != 0 and "epochz" in typo.stderr
+  typo = _run(tmp_path / "c", food, "--config.student.epochz=3")
+  assert typo.returncode == 2
+  assert _errors(typo) == ["config error: unknown key student.epochz (did you mean student.epochs?)"]
 
 
-def test_sigkill_mid_epoch_then_resume_gives_the_same_parameters(mini, tmp_path):
-  only_teacher = ["--config.student.enabled=false", "--config.teacher.max_steps=10"]
-  ref = _run(tmp_path / "ref", mini, *only_teacher)
+def test_unwritable_store_is_refused_before_the_teacher_trains(food, tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a folder")
+  proc = _run(tmp_path / "wd", food, f"--config.teacher_logits.store_dir={blocker / 'stores'}")
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  (err,) = _errors(proc)
+  assert "config.teacher_logits.store_dir" in err and str(blocker) in err
+  assert not (tmp_path / "wd" / "teacher" / "checkpoints").exists()
+
+
+ONLY_TEACHER = ["--config.student.enabled=false", "--config.teacher.max_steps=10"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(food, tmp_path_factory):
+  wd = tmp_path_factory.mktemp("uninterrupted")
+  ref = _run(wd, food, *ONLY_TEACHER)
   assert ref.returncode == 0, ref.stderr[-3000:]
+  return wd
 
-  wd = tmp_path / "killed"
-  proc = subprocess.Popen(_cmd(wd, mini, *only_teacher), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+
+def _interrupt(food, wd, signum):
+  """Starts main.py, sends `signum` once a checkpoint past the first exists (mid-training)."""
+  proc = subprocess.Popen(_cmd(wd, food, *ONLY_TEACHER), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
   ckpt_dir = wd / "teacher" / "checkpoints"
   deadline = time.time() + 400
   try:
-    # Kill once a checkpoint past the first one exists, i.e. mid-epoch (an epoch is 25 steps).
     while time.time() < deadline:
       steps = [int(p.name) for p in ckpt_dir.glob("[0-9]*") if p.name.isdigit()] if ckpt_dir.exists() else []
-      if steps and max(steps) >= 4:
+      if steps and max(steps) >= 2:
         break
       if proc.poll() is not None:
-        pytest.fail("training finished before it could be killed")
-      time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
+        pytest.fail("training finished before it could be interrupted")
+      time.sleep(0.05)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
   finally:
     if proc.poll() is None:
       proc.kill()
-  assert not (wd / "stages" / "teacher.json").exists()
-  resumed = _run(wd, mini, *only_teacher)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  return proc.returncode, out, err
 
-  a = _load_final(tmp_path / "ref" / "teacher" / "final_variables")
-  b = _load_final(wd / "teacher" / "final_variables")
-  import jax
-  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-  assert len(la) == len(lb) > 0
-  for x, y in zip(la, lb):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+def test_sigkill_mid_training_then_resume_gives_the_same_parameters(food, uninterrupted, tmp_path):
+  wd = tmp_path / "killed"
+  rc, _, _ = _interrupt(food, wd, signal.SIGKILL)
+  assert rc == -signal.SIGKILL
+  assert not (wd / "stages" / "teacher.json").exists()
+  resumed = _run(wd, food, *ONLY_TEACHER)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  _assert_same_variables(uninterrupted / "teacher" / "final_variables", wd / "teacher" / "final_variables")
+
+
+def test_ctrl_c_saves_a_checkpoint_says_so_and_resumes_exactly(food, uninterrupted, tmp_path):
+  wd = tmp_path / "interrupted"
+  rc, out, err = _interrupt(food, wd, signal.SIGINT)
+  assert rc == 130, err[-3000:]
+  assert "Traceback" not in err
+  lines = [l for l in err.splitlines() if l.startswith("stopped")]
+  assert len(lines) == 1 and "SIGINT" in lines[0] and "during teacher training" in lines[0], err[-2000:]
+  assert "rerun the same command" in lines[0].lower()
+  assert not (wd / "stages" / "teacher.json").exists()
+  resumed = _run(wd, food, *ONLY_TEACHER)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  _assert_same_variables(uninterrupted / "teacher" / "final_variables", wd / "teacher" / "final_variables")
+
+
+def test_image_folder_without_test_split_and_a_bad_image(generated_image_folder_flat, tfds_data_dir, tmp_path):
+  folder = tmp_path / "photos"
+  shutil.copytree(generated_image_folder_flat, folder)
+  first_class = sorted(p for p in folder.iterdir() if p.is_dir())[0]
+  bad = first_class / "truncated.jpg"
+  good = next(first_class.glob("*.jpg")).read_bytes()
+  bad.write_bytes(good[: len(good) // 3])
+  args = ["--config.data.name=image_folder", "--config.evaluate.splits=('val', 'test')",
+          "--config.teacher.batch_size=16", "--config.student.batch_size=16",
+          "--config.teacher.max_steps=4", "--config.student.max_steps=4"]
+  refused = _run(tmp_path / "refused", (folder, tfds_data_dir), *args)
+  assert refused.returncode == 2, refused.stderr[-3000:]
+  assert "Traceback" not in refused.stderr and str(bad) in refused.stderr
+  assert not (tmp_path / "refused" / "teacher").exists()
+
+  ok = _run(tmp_path / "skipped", (folder, tfds_data_dir), *args, "--config.data.skip_bad_images=true")
+  assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-3000:]
+  report = json.loads((tmp_path / "skipped" / "report.json").read_text())
+  assert report["dataset"]["absent_splits"] == ["test"]
+  assert [p for p, _ in report["dataset"]["skipped_images"]] == [str(bad)]
+  student = {m["role"]: m for m in report["models"]}["student"]
+  assert "val" in student and "test" not in student
+  md = (tmp_path / "skipped" / "report.md").read_text()
+  assert "no test split" in md.lower() and "truncated.jpg" in md

@@ -72,6 +72,17 @@ def test_one_cycle_variants(kwargs):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-12)
 
 
+@pytest.mark.parametrize("three_phase", [False, True])
+@pytest.mark.parametrize("total", [1, 2, 3, 4, 5])
+def test_one_cycle_short_runs_match_pytorch_formula(total, three_phase):
+  """Smoke runs (max_steps of 1-5) with one-cycle: PyTorch's phases then start before step 0."""
+  sched = optim.one_cycle(total, 0.01, three_phase=three_phase)
+  got = np.array([float(sched(s)) for s in range(total)])
+  want = np.array([torch_one_cycle_lr(s, total, 0.01, three_phase=three_phase) for s in range(total)])
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-12)
+  assert np.all(np.isfinite(got))
+
+
 def test_optax_onecycle_is_not_pytorch():
   """Why jaxkd has its own: optax's boundaries are int(pct*T) and T, one step off PyTorch's."""
   ours = optim.one_cycle(1000, 1e-3)

@@ -508,30 +508,46 @@ def _data_api():
   return sources, pipeline, augment
 
 
-def test_integration_food101_mini(shared_data, tmp_path):
-  """Real Food-101 photos -> eval_batches -> precompute (resnet8) -> train_batches(teacher_lookup=...).
+def test_integration_food101_images(data_variant, request, tmp_path):
+  """Food-101 photos -> eval_batches -> precompute (resnet8) -> train_batches(teacher_lookup=...).
 
-  A 3-class, 10-image-per-class slice of food-101-mini (symlinked into an image-folder tree, so the
-  test stays fast) is read by the 'image_folder' source; the 'train' split (80 % of it) is
-  precomputed with eval preprocessing at 32 px. Every training batch, shuffled, on both of two
-  simulated hosts, must carry for each key the teacher's logits recomputed independently: the
-  test reads that key's JPEG itself, applies eval preprocessing and runs the teacher.
+  A 3-class, 10-image-per-class slice of the food images (generated, or the real food-101-mini;
+  symlinked into an image-folder tree, so the test stays fast) is read by the 'image_folder'
+  source; the 'train' split (80 % of it) is precomputed with eval preprocessing at 32 px. The
+  generated slice includes the greyscale JPEG and the PNG named .jpg. Every training batch,
+  shuffled, on both of two simulated hosts, must carry for each key the teacher's logits
+  recomputed independently: the test reads that key's file itself, applies eval preprocessing
+  and runs the teacher.
   """
   sources, pipeline, augment = _data_api()
   import tensorflow as tf
 
   from jaxkd import models
 
-  food = shared_data / "food-101-mini" / "food-101" / "images"
-  if not food.is_dir():
-    pytest.skip(f"{food} not found")
+  if data_variant == "real":
+    food = request.getfixturevalue("shared_data") / "food-101-mini" / "food-101" / "images"
+    special = set()
+  else:
+    generated = request.getfixturevalue("generated_food101_tree")
+    food = generated.food_dir / "images"
+    special = {generated.grayscale_key + ".jpg", generated.png_key + ".jpg"}
+  assert food.is_dir(), food
   classes = sorted(p.name for p in food.iterdir() if p.is_dir())[:3]
   tree = tmp_path / "images"
   for c in classes:
     (tree / c).mkdir(parents=True)
-    for f in sorted((food / c).glob("*.jpg"))[:10]:
+    files = sorted((food / c).glob("*.jpg"))
+    chosen = files[:10]
+    for f in files[10:]:  # the greyscale / PNG images go in (replacing the last ordinary ones)
+      if f"{c}/{f.name}" in special:
+        chosen = [f] + chosen[:-1]
+    for f in chosen:
       (tree / c / f.name).symlink_to(f)
-  source = sources.get_source("image_folder", manual_dir=tree)
+  if special:
+    linked = {f"{p.parent.name}/{p.name}" for p in tree.glob("*/*.jpg")}
+    assert special <= linked, (special, sorted(linked))
+  data_dir = tmp_path / "tfds"
+  source = sources.get_source("image_folder", manual_dir=tree, data_dir=data_dir)
   n_train = source.num_examples("train")
   assert source.class_names == classes and n_train == 24
 
@@ -552,7 +568,6 @@ def test_integration_food101_mini(shared_data, tmp_path):
   tid = ts.teacher_id("resnet8", variables)
   preprocessing = {"fn": "jaxkd.data.augment.eval_preprocess", "image_size": size,
                    "eval_crop_fraction": cfg.eval_crop_fraction, "antialias": cfg.antialias, "dtype": "float32"}
-  data_dir = tmp_path / "tfds"
   store = ts.precompute(
       pipeline.eval_batches(source, "train", global_batch_size=8, image_size=size),
       apply_fn, data_dir=data_dir, dataset=source.name, version=source.version, split="train",

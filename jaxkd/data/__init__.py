@@ -11,6 +11,10 @@ Main entry points::
     it = train_batches(source, "train", global_batch_size=256, augment={...}, seed=0,
                        start_step=step, mesh=mesh, teacher_lookup=store.tf_lookup)
     for batch in eval_batches(source, "val", global_batch_size=256, image_size=224, mesh=mesh): ...
+
+Problems with a user's folder (missing, wrong layout, undecodable images) raise
+``DataError`` (a ValueError; ``DataFolderNotFoundError`` is also a FileNotFoundError)
+with one message naming the paths and the fix.
 """
 from __future__ import annotations
 
@@ -50,12 +54,15 @@ from jaxkd.data.augment import AugmentConfig, MEAN_RGB, STD_RGB  # noqa: E402
 from jaxkd.data.pipeline import (eval_batches, eval_dataset, local_batch_size, num_eval_batches,  # noqa: E402
                                  prefetch_to_device, steps_per_epoch, to_device, train_batches,
                                  train_dataset)
-from jaxkd.data.sources import SOURCE_NAMES, ImageFolderSource, Source, TfdsSource, get_source  # noqa: E402
+from jaxkd.data.sources import (SOURCE_NAMES, Food101LocalSource,  # noqa: E402
+                                ImageFolderSource, Source, TfdsSource, get_source)
 from jaxkd.data.splits import SPLITS, assign_val  # noqa: E402
+from jaxkd.data.user_folders import DataError, DataFolderNotFoundError  # noqa: E402
 
 __all__ = [
-    "AugmentConfig", "MEAN_RGB", "STD_RGB", "SOURCE_NAMES", "SPLITS", "ImageFolderSource", "Source",
-    "TfdsSource", "assign_val", "eval_batches", "eval_dataset", "get_source", "hide_gpus_from_tensorflow",
-    "local_batch_size", "num_eval_batches", "prefetch_to_device", "steps_per_epoch", "to_device", "train_batches",
+    "AugmentConfig", "DataError", "DataFolderNotFoundError", "MEAN_RGB", "STD_RGB", "SOURCE_NAMES",
+    "SPLITS", "Food101LocalSource", "ImageFolderSource", "Source", "TfdsSource", "assign_val",
+    "eval_batches", "eval_dataset", "get_source", "hide_gpus_from_tensorflow", "local_batch_size",
+    "num_eval_batches", "prefetch_to_device", "steps_per_epoch", "to_device", "train_batches",
     "train_dataset",
 ]

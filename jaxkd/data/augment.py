@@ -34,11 +34,14 @@ Per-example training pipeline (``train_preprocess``), in this order:
 Batch-level (``mix_batch``): MixUp (Zhang et al. 2018), ``x = lam x_i + (1 - lam) x_j``
 with ``lam ~ Beta(a, a)`` or ``U(mixup_lambda_range)`` (seed 001: ``(0.2, 0.4)``),
 and CutMix (Yun et al. 2019), which pastes a box of area ``(1 - lam) H W`` from
-``x_j`` and recomputes ``lam`` from the box actually pasted. When a batch carries
-``teacher_logits`` (stored, precomputed on clean images), they are mixed with the
-same ``lam`` in logit space: ``t = lam t_i + (1 - lam) t_j``. That is an
-APPROXIMATION: the teacher's real output on the mixed image is not the mix of its
-outputs; the exact alternative is to run the teacher online.
+``x_j`` and recomputes ``lam`` from the box actually pasted. The labels are mixed
+with the same ``lam`` (``soft_label``). Stored ``teacher_logits`` (precomputed per
+image on its eval view) are NOT mixed here: the batch keeps each example's own
+``t_i`` and gains the partner's ``t_j`` as ``mix_teacher_logits``, because the
+right mix is of the teacher's probabilities at the loss's temperature, after
+logit standardisation / perception reconstruction, which only the train step
+knows (``jaxkd.train.step`` mixes ``lam softmax(t_i / T) + (1 - lam) softmax(t_j / T)``;
+its module docstring explains why not the logits).
 
 Evaluation (``eval_preprocess``): resize the shorter side to
 ``image_size / eval_crop_fraction`` (0.875 -> 256 for 224) and take the centre
@@ -660,8 +663,9 @@ def mix_batch(batch: dict[str, tf.Tensor], seed: tf.Tensor, cfg: AugmentConfig,
 
   Adds 'mix_label' (partner's int32 label), 'mix_lambda' (float32 [B], weight of the
   example's own label; 1 = unmixed) and 'soft_label' (float32 [B, C] =
-  lam onehot(label) + (1 - lam) onehot(mix_label)). A 'teacher_logits' field is
-  mixed with the same lam in logit space (an approximation, see module docstring).
+  lam onehot(label) + (1 - lam) onehot(mix_label)). A 'teacher_logits' field stays
+  the example's own row; the partner's row is added as 'mix_teacher_logits'
+  (float32 [B, C]) for the train step to mix (see module docstring).
   One lam (and one CutMix box) per batch; with probability 1 - mix_prob the batch is
   left unmixed (lam = 1).
   """
@@ -715,6 +719,5 @@ def mix_batch(batch: dict[str, tf.Tensor], seed: tf.Tensor, cfg: AugmentConfig,
   out["soft_label"] = (lam * tf.one_hot(labels, num_classes, dtype=tf.float32)
                        + (1.0 - lam) * tf.one_hot(partner, num_classes, dtype=tf.float32))
   if "teacher_logits" in batch:
-    t = tf.cast(batch["teacher_logits"], tf.float32)
-    out["teacher_logits"] = lam * t + (1.0 - lam) * tf.gather(t, perm)
+    out["mix_teacher_logits"] = tf.gather(tf.cast(batch["teacher_logits"], tf.float32), perm)
   return out

@@ -17,15 +17,30 @@ are stored as the original JPEG bytes (no re-encoding); decode them with
 ``channels=3`` (TFDS's own decoder does, as the feature is declared RGB), which
 turns the few greyscale images into RGB. Each example carries ``id`` =
 ``'<class>/<image_id>'`` (the same ids as TFDS ``food101:2.1.0``).
+
+One folder content is one builder config (``Food101LocalConfig``), named
+``folder-<first 16 hex digits of the fingerprint>`` (``user_folders.fingerprint`` of the
+meta files and the listed images), so the build lands in
+``<data_dir>/food101_local/folder-<fp16>/1.0.0/`` and another or a changed folder is
+another build. The config also carries the keys of the images to leave out
+(undecodable, ``skip``) and of those stored as PNG (``convert``: only Pillow decodes
+them); ``jaxkd.data.get_source`` fills them in from its image check. At build time the
+fingerprint is computed again and must match. Without a config the builder reads the
+folder as it is (no check).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from typing import Any, Iterator
+import pathlib
+from typing import Any, Iterator, Sequence
 
 from etils import epath
 import tensorflow_datasets as tfds
+
+from jaxkd.data import user_folders
+from jaxkd.data.user_folders import DataError, DataFolderNotFoundError
 
 META_FILES = ("classes.txt", "train.json", "test.json")
 
@@ -40,11 +55,12 @@ _CITATION = """\
 
 
 def resolve_food101_root(path: str | os.PathLike) -> epath.Path:
-  """Returns the ``food-101/`` folder given it or its parent; clear errors otherwise."""
-  p = epath.Path(os.path.expanduser(os.fspath(path)))
-  if not p.exists():
-    raise FileNotFoundError(
-        f"Food-101 folder {os.fspath(p)!r} does not exist. Download "
+  """The ``food-101/`` folder, given it or its parent; else a ``DataError`` naming the path."""
+  p = user_folders.absolute(path)
+  if not p.is_dir():
+    state = "is a file, not a folder" if p.exists() else "does not exist"
+    raise DataFolderNotFoundError(
+        f"Food-101 folder {os.fspath(path)!r} {state}. Download "
         "http://data.vision.ee.ethz.ch/cvl/food-101.tar.gz, extract it, and pass the folder that "
         "contains 'food-101/' (or 'food-101/' itself) as manual_dir.")
   root = None
@@ -53,17 +69,17 @@ def resolve_food101_root(path: str | os.PathLike) -> epath.Path:
       root = candidate
       break
   if root is None:
-    raise FileNotFoundError(
+    raise DataFolderNotFoundError(
         f"{os.fspath(p)!r} is not a Food-101 folder: expected 'food-101/images' and 'food-101/meta' "
         "below it (or 'images/' and 'meta/' directly in it), as in the extracted food-101.tar.gz.")
   missing = [f"meta/{name}" for name in META_FILES if not (root / "meta" / name).is_file()]
   if not (root / "images").is_dir():
     missing.append("images/")
   if missing:
-    raise FileNotFoundError(
+    raise DataFolderNotFoundError(
         f"Food-101 folder {os.fspath(root)!r} lacks {missing}; it must keep the archive layout "
         "(images/<class>/<id>.jpg, meta/classes.txt, meta/train.json, meta/test.json).")
-  return root
+  return epath.Path(root)
 
 
 def read_food101_meta(root: epath.Path) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
@@ -71,9 +87,9 @@ def read_food101_meta(root: epath.Path) -> tuple[list[str], dict[str, list[tuple
   classes = [line.strip() for line in (root / "meta" / "classes.txt").read_text().splitlines()
              if line.strip()]
   if not classes:
-    raise ValueError(f"{os.fspath(root / 'meta' / 'classes.txt')!r} lists no classes")
+    raise DataError(f"{os.fspath(root / 'meta' / 'classes.txt')!r} lists no classes")
   if len(set(classes)) != len(classes):
-    raise ValueError(f"{os.fspath(root / 'meta' / 'classes.txt')!r} lists a class twice")
+    raise DataError(f"{os.fspath(root / 'meta' / 'classes.txt')!r} lists a class twice")
   index = {c: i for i, c in enumerate(classes)}
   splits: dict[str, list[tuple[str, int]]] = {}
   for split in ("train", "test"):
@@ -81,32 +97,81 @@ def read_food101_meta(root: epath.Path) -> tuple[list[str], dict[str, list[tuple
     try:
       entries = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-      raise ValueError(f"{os.fspath(path)!r} is not valid JSON: {e}") from e
+      raise DataError(f"{os.fspath(path)!r} is not valid JSON: {e}") from e
     unknown = sorted(set(entries) - set(index))
     if unknown:
-      raise ValueError(f"{os.fspath(path)!r} names classes missing from meta/classes.txt: {unknown[:5]}")
+      raise DataError(f"{os.fspath(path)!r} names classes missing from meta/classes.txt: "
+                      f"{unknown[:5]}")
     examples = []
     for name in classes:
       keys = entries.get(name, [])
       if split == "train" and not keys:
-        raise ValueError(f"class {name!r} has no training images in {os.fspath(path)!r}; remove it "
-                         "from meta/classes.txt or add its images")
+        raise DataError(f"class {name!r} has no training images in {os.fspath(path)!r}; remove it "
+                        "from meta/classes.txt or add its images")
       for key in keys:
         if key.split("/", 1)[0] != name:
-          raise ValueError(f"{os.fspath(path)!r}: entry {key!r} listed under class {name!r}")
+          raise DataError(f"{os.fspath(path)!r}: entry {key!r} listed under class {name!r}")
         examples.append((key, index[name]))
     splits[split] = examples
   return classes, splits
 
 
-def check_images_exist(root: epath.Path, splits: dict[str, list[tuple[str, int]]]) -> None:
-  """Raises FileNotFoundError naming missing ``images/<key>.jpg`` files."""
-  missing = [key for examples in splits.values() for key, _ in examples
-             if not (root / "images" / f"{key}.jpg").is_file()]
+def image_path(key: str) -> str:
+  """Path of an example's image relative to the ``food-101/`` folder."""
+  return f"images/{key}.jpg"
+
+
+def food101_files(root: epath.Path,
+                  splits: dict[str, list[tuple[str, int]]]) -> user_folders.FileStats:
+  """{relative path: (size, mtime_ns)} of the meta files and of every listed image.
+
+  Raises ``DataFolderNotFoundError`` naming the listed images that are missing.
+  """
+  root = pathlib.Path(os.fspath(root))
+  found, _ = user_folders.scan_files(root / "images", prefix="images/")
+  stats = {}
+  for name in META_FILES:
+    st = (root / "meta" / name).stat()
+    stats[f"meta/{name}"] = (st.st_size, st.st_mtime_ns)
+  missing = []
+  for examples in splits.values():
+    for key, _ in examples:
+      rel = image_path(key)
+      if rel in found:
+        stats[rel] = found[rel]
+      else:
+        missing.append(key)
   if missing:
-    raise FileNotFoundError(
+    raise DataFolderNotFoundError(
         f"{len(missing)} images listed in meta/*.json are missing under {os.fspath(root / 'images')!r}, "
         f"e.g. {missing[:3]}; extract the whole archive or remove them from the meta files.")
+  return stats
+
+
+def config_name(fingerprint: str) -> str:
+  """Builder config name of a folder with this fingerprint."""
+  return f"folder-{fingerprint[:16]}"
+
+
+@dataclasses.dataclass(eq=False)
+class Food101LocalConfig(tfds.core.BuilderConfig):
+  """One folder's content: its fingerprint and the listed images left out or converted.
+
+  ``skip``: keys of the undecodable images left out; ``convert``: keys of the images
+  only Pillow decodes, stored as PNG (see ``user_folders.check_images``).
+  """
+
+  fingerprint: str = ""
+  skip: tuple[str, ...] = dataclasses.field(default=(), repr=False)
+  convert: tuple[str, ...] = dataclasses.field(default=(), repr=False)
+
+
+def make_config(fingerprint: str, folder: str | os.PathLike, *, skip: Sequence[str] = (),
+                convert: Sequence[str] = ()) -> Food101LocalConfig:
+  return Food101LocalConfig(
+      name=config_name(fingerprint), fingerprint=fingerprint, skip=tuple(skip),
+      convert=tuple(convert),
+      description=f"Food-101 layout folder {os.fspath(folder)} (fingerprint {fingerprint[:16]})")
 
 
 class Food101Local(tfds.core.GeneratorBasedBuilder):
@@ -144,11 +209,23 @@ class Food101Local(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     root = resolve_food101_root(dl_manager.manual_dir)
     classes, splits = read_food101_meta(root)
-    check_images_exist(root, splits)
+    stats = food101_files(root, splits)
+    config = self.builder_config
+    skip, convert = set(), set()
+    if isinstance(config, Food101LocalConfig) and config.fingerprint:
+      if user_folders.fingerprint(stats) != config.fingerprint:
+        raise DataError(f"Food-101 folder {os.fspath(root)!r} changed after it was checked (files "
+                        "added, removed or modified); run again once it stays unchanged")
+      skip, convert = set(config.skip), set(config.convert)
     self.info.features["label"].names = classes
-    return {split: self._generate_examples(root, examples) for split, examples in splits.items()}
+    return {split: self._generate_examples(root, [(k, l) for k, l in examples if k not in skip],
+                                           convert)
+            for split, examples in splits.items()}
 
-  def _generate_examples(self, root: epath.Path,
-                         examples: list[tuple[str, int]]) -> Iterator[tuple[str, dict[str, Any]]]:
+  def _generate_examples(self, root: epath.Path, examples: list[tuple[str, int]],
+                         convert: frozenset[str] | set[str] = frozenset()
+                         ) -> Iterator[tuple[str, dict[str, Any]]]:
     for key, label in examples:
-      yield key, {"image": root / "images" / f"{key}.jpg", "label": label, "id": key}
+      path = root / image_path(key)
+      image = user_folders.to_png(path.read_bytes()) if key in convert else path
+      yield key, {"image": image, "label": label, "id": key}

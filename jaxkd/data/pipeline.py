@@ -28,7 +28,10 @@ example once.
 
 Batches are dicts of numpy arrays ``{'image', 'label', 'key', 'weight'}`` (+
 ``'teacher_logits'`` [B, C] when ``teacher_lookup`` is given, + ``'mix_label'``,
-``'mix_lambda'``, ``'soft_label'`` with MixUp/CutMix). With ``mesh=...`` the numeric
+``'mix_lambda'``, ``'soft_label'`` with MixUp/CutMix, + ``'mix_teacher_logits'``, the
+partner's stored logits, with both). The teacher logits are joined by key before
+mixing and stay each example's own row; ``jaxkd.train.step`` mixes the teacher's
+probabilities with ``mix_lambda``. With ``mesh=...`` the numeric
 fields are global ``jax.Array``s sharded along the mesh's 'data' axis (``to_device``);
 'key' (strings) stays a host-local numpy array.
 """
@@ -123,7 +126,8 @@ def train_dataset(source: Source, split: str = "train", *, global_batch_size: in
     num_parallel_calls: parallelism of decode/augment (None = AUTOTUNE).
     prefetch: batches prefetched by tf.data.
     teacher_lookup: keys [B] -> float32 logits [B, C] inside tf.data; adds 'teacher_logits'
-      (joined before MixUp/CutMix).
+      (joined by key before MixUp/CutMix, so each row is the example's own; with mixing,
+      'mix_teacher_logits' holds the partner's row).
   """
   splits_lib.check_split(split)
   if split == splits_lib.TEST:

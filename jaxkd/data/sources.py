@@ -12,22 +12,34 @@ Sources (``get_source(name, ...)``):
   split = TFDS 'validation').
 * ``food101_local``: a local Food-101 copy in the original archive layout (or a
   subset), built once by the TFDS builder in ``food101_local.py`` into
-  ``data_dir`` from ``manual_dir``.
+  ``data_dir`` from ``manual_dir``, as the builder config named by the folder's
+  fingerprint.
 * ``cifar10``, ``cifar100``: TFDS (PNG-encoded 32x32 images; key = TFDS ``id``).
 * ``imagenet2012``: TFDS, manual download (``manual_dir`` holds the ILSVRC2012 tars;
   key = ``file_name``; official test = 'validation').
 * ``image_folder``: any class-per-folder tree (``manual_dir``): either
-  ``<root>/<class>/<img>`` (one official split, 'trainval') or ``<root>/train/<class>/...``
-  plus optional ``<root>/test/<class>/...``. Classes = sorted subfolder names,
-  key = path relative to the split folder without extension.
+  ``<root>/<class>/<img>`` (one official split, 'trainval': splits 'train'/'val' only)
+  or ``<root>/train/<class>/...`` plus optional ``<root>/test/<class>/...``. Classes =
+  sorted subfolder names (at least two), key = path relative to the split folder
+  without extension. Names starting with '.' are skipped.
+
+Sources built from a user's folder (``food101_local``, ``image_folder``) are keyed by
+the folder's fingerprint (``user_folders.fingerprint``: relative paths, sizes and
+modification times of its images and meta files): ``source.fingerprint`` is it and
+``source.version`` contains its first 12 hex digits, so everything cached under
+``<data_dir>/<name>/<version>/`` belongs to exactly that folder content. Every image
+is decoded once when the source is built (``user_folders.check_images``); undecodable
+files refuse the build with one ``DataError`` listing them, unless
+``skip_bad_images=True`` (then ``source.skipped_images`` lists them).
 
 Splits ('train', 'val', 'test', 'trainval') follow ``splits.py``: 'train'/'val'
-are carved from the official training split by key, 'test' is the official test split.
+are carved from the official training split by key, 'test' is the official test split;
+``source.splits`` / ``source.has_test`` say which exist.
 """
 from __future__ import annotations
 
 import abc
-import hashlib
+import collections
 import os
 import pathlib
 import re
@@ -39,6 +51,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from jaxkd.data import splits as splits_lib
+from jaxkd.data import user_folders
+from jaxkd.data.user_folders import DataError
 
 SOURCE_NAMES = ("food101", "food101_local", "cifar10", "cifar100", "imagenet2012", "image_folder")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
@@ -127,6 +141,31 @@ class Source(abc.ABC):
   @property
   def num_classes(self) -> int:
     return len(self.class_names)
+
+  @property
+  def has_test(self) -> bool:
+    """Whether the data set has an official test split (else evaluate on 'val' only)."""
+    return self.test_split_name is not None
+
+  @property
+  def splits(self) -> tuple[str, ...]:
+    """The splits this source can give: ('train', 'val', 'test', 'trainval') or without 'test'."""
+    return tuple(s for s in splits_lib.SPLITS if s != splits_lib.TEST or self.has_test)
+
+  @property
+  def fingerprint(self) -> str | None:
+    """SHA-256 hex of the user folder the data set was built from (None: not a user folder)."""
+    return None
+
+  @property
+  def skipped_images(self) -> list[tuple[str, str]]:
+    """(path, reason) of the undecodable images left out (``skip_bad_images=True``)."""
+    return []
+
+  @property
+  def converted_images(self) -> list[tuple[str, str]]:
+    """(path, reason) of the images only Pillow decodes, converted once to PNG."""
+    return []
 
   def _official_for(self, split: str) -> str:
     splits_lib.check_split(split)
@@ -327,84 +366,320 @@ class TfdsSource(Source):
     return int(self.builder.info.splits[official].num_examples)
 
 
+class Food101LocalSource(TfdsSource):
+  """``food101_local``: the TFDS builder's config for one folder content (its fingerprint).
+
+  ``version`` = the builder's version + '-' + the fingerprint's first 12 hex digits, so
+  anything keyed by (name, version) is keyed by the folder's content.
+  """
+
+  def __init__(self, builder: tfds.core.DatasetBuilder, *, fingerprint: str, folder: str,
+               check: user_folders.ImageCheck, skip_bad_images: bool,
+               manual_dir: str | os.PathLike | None, download: bool, val_fraction: float = 0.2,
+               split_seed: int = 0):
+    super().__init__("food101_local", builder, train_split="train", test_split="test",
+                     manual_dir=manual_dir, download=download, val_fraction=val_fraction,
+                     split_seed=split_seed)
+    self._fingerprint = fingerprint
+    self.folder = folder
+    root = pathlib.Path(folder)
+    self._skipped = user_folders.absolute_pairs(root, check.bad) if skip_bad_images else []
+    self._converted = user_folders.absolute_pairs(root, check.converted)
+
+  @property
+  def version(self) -> str:
+    return f"{self.builder.version}-{self._fingerprint[:12]}"
+
+  @property
+  def fingerprint(self) -> str:
+    return self._fingerprint
+
+  @property
+  def skipped_images(self) -> list[tuple[str, str]]:
+    return list(self._skipped)
+
+  @property
+  def converted_images(self) -> list[tuple[str, str]]:
+    return list(self._converted)
+
+
+def _prepared_food101_local(data_dir: pathlib.Path, version: str) -> list[dict]:
+  """Image-check records of the food101_local builds prepared in ``data_dir``."""
+  from jaxkd.data import food101_local
+
+  found = []
+  for record_dir in sorted((data_dir / "food101_local").glob(f"{version}-*")):
+    record = user_folders.read_check(record_dir)
+    if not record or "fingerprint" not in record:
+      continue
+    built = data_dir / "food101_local" / food101_local.config_name(record["fingerprint"]) / version
+    if (built / "dataset_info.json").is_file():
+      found.append(record)
+  return found
+
+
+def _food101_local_source(*, data_dir, manual_dir, version, download, skip_bad_images,
+                          **common) -> Food101LocalSource:
+  from jaxkd.data import food101_local  # registers the builder with TFDS
+
+  data_dir = user_folders.default_data_dir(data_dir)
+  tfds_version = str(version or food101_local.Food101Local.VERSION)
+  if manual_dir is None:
+    default = data_dir / "downloads" / "manual"  # TFDS's default manual_dir
+    if default.is_dir():
+      manual_dir = default
+    else:
+      builds = _prepared_food101_local(data_dir, tfds_version)
+      if len(builds) != 1:
+        listed = "".join(f"\n  {b['folder']} (fingerprint {b['fingerprint'][:12]})" for b in builds)
+        state = (f"holds {len(builds)} food101_local builds, from:{listed}\n" if builds
+                 else "holds no food101_local build ")
+        raise user_folders.DataFolderNotFoundError(
+            f"no manual_dir was given and {os.fspath(data_dir)!r} {state}(TFDS's default "
+            f"manual_dir {os.fspath(default)!r} does not exist either); pass "
+            "manual_dir=<folder holding food-101/>")
+      record = builds[0]
+      fp, folder = record["fingerprint"], record["folder"]
+      check = user_folders.ImageCheck(fp, record["num_checked"], tuple(map(tuple, record["bad"])),
+                                      tuple(map(tuple, record["converted"])))
+      if check.bad and not skip_bad_images:
+        raise user_folders.bad_images_error(pathlib.Path(folder), check)
+      builder = food101_local.Food101Local(data_dir=os.fspath(data_dir), version=tfds_version,
+                                           config=food101_local.make_config(fp, folder))
+      return Food101LocalSource(builder, fingerprint=fp, folder=folder, check=check,
+                                skip_bad_images=skip_bad_images, manual_dir=None, download=False,
+                                **common)
+  root = food101_local.resolve_food101_root(manual_dir)
+  classes, splits = food101_local.read_food101_meta(root)
+  stats = food101_local.food101_files(root, splits)
+  fp = user_folders.fingerprint(stats)
+  root = pathlib.Path(os.fspath(root))
+  rels = [food101_local.image_path(key) for examples in splits.values() for key, _ in examples]
+  cache_dir = data_dir / "food101_local" / f"{tfds_version}-{fp[:12]}"
+  check = user_folders.check_images(root, rels, fp=fp, cache_dir=cache_dir)
+  if check.bad and not skip_bad_images:
+    raise user_folders.bad_images_error(root, check)
+  key_of = {food101_local.image_path(key): key
+            for examples in splits.values() for key, _ in examples}
+  skip = {key_of[rel] for rel, _ in check.bad}
+  left = {label for key, label in splits["train"] if key not in skip}
+  emptied = [c for i, c in enumerate(classes) if i not in left]
+  if emptied:
+    raise DataError(f"classes {emptied[:5]} of {os.fspath(root)!r} have no decodable training "
+                    "images left once the undecodable ones are skipped; add images or remove those "
+                    "classes from the meta files")
+  convert = [key_of[rel] for rel, _ in check.converted]
+  config = food101_local.make_config(fp, root, skip=sorted(skip), convert=convert)
+  builder = food101_local.Food101Local(data_dir=os.fspath(data_dir), version=tfds_version,
+                                       config=config)
+  if not builder.is_prepared() and not download:
+    raise user_folders.DataFolderNotFoundError(
+        f"food101_local for {os.fspath(root)!r} (fingerprint {fp[:12]}) is not built in "
+        f"{os.fspath(data_dir)!r}; pass download=True to build it from manual_dir")
+  if not builder.is_prepared():
+    others = sorted(p.name for p in (data_dir / "food101_local").glob("folder-*")
+                    if p.name != config.name)
+    if others:
+      warnings.warn(f"building food101_local for {os.fspath(root)!r} (fingerprint {fp[:12]}) "
+                    f"beside {len(others)} earlier build(s) of other folder contents in "
+                    f"{os.fspath(data_dir / 'food101_local')!r} ({', '.join(others[:5])}); delete "
+                    "those you no longer need (and their '<version>-<fingerprint>' folders)")
+  source = Food101LocalSource(builder, fingerprint=fp, folder=os.fspath(root), check=check,
+                              skip_bad_images=skip_bad_images, manual_dir=root, download=download,
+                              **common)
+  source.prepare()
+  return source
+
+
 # ============================================================================ image folder
+
+_FOLDER_HINT = ("pass manual_dir=<folder with one subfolder per class> (or with train/ and test/ "
+                "subfolders holding those)")
+
+
+def _subfolders(folder: pathlib.Path) -> list[str]:
+  """Sorted names of the non-hidden folders (or links to folders) directly in ``folder``."""
+  with os.scandir(folder) as it:
+    return sorted(e.name for e in it if not user_folders.is_hidden(e.name) and e.is_dir())
+
+
+def _direct_images(folder: pathlib.Path, exts: set[str]) -> list[str]:
+  with os.scandir(folder) as it:
+    return sorted(e.name for e in it if not user_folders.is_hidden(e.name) and e.is_file()
+                  and os.path.splitext(e.name)[1].lower() in exts)
+
+
+def _example_names(names: Sequence[str], n: int = 5) -> str:
+  shown = ", ".join(repr(x) for x in names[:n])
+  return shown + (f", ... ({len(names)} in all)" if len(names) > n else "")
 
 
 def _list_class_tree(folder: pathlib.Path, extensions: Sequence[str],
-                     classes: Sequence[str] | None = None) -> tuple[list[str], list[str], list[int]]:
-  """(class names, relative paths, labels) of a class-per-folder tree, sorted."""
-  found = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+                     classes: Sequence[str] | None = None
+                     ) -> tuple[list[str], list[str], list[int], user_folders.FileStats]:
+  """(class names, relative paths, labels, {relative path: (size, mtime_ns)}) of a class tree.
+
+  ``classes`` given (a test folder): those classes in that order; a class may be absent.
+  Otherwise the sorted subfolders, of which there must be at least two, each with images.
+  Relative paths are posix, relative to ``folder``, sorted.
+  """
+  exts = {e.lower() for e in extensions}
+  found = _subfolders(folder)
+  where = os.fspath(folder)
   if not found:
-    raise ValueError(f"{os.fspath(folder)!r} has no class subfolders; expected <folder>/<class>/<image> "
-                     f"(extensions {tuple(extensions)})")
+    loose = _direct_images(folder, exts)
+    holds = f" holds {len(loose)} images but" if loose else ""
+    raise DataError(f"{where!r}{holds} has no class subfolders; expected {where}/<class>/<image> "
+                    f"with at least two classes (extensions {tuple(sorted(exts))})")
   if classes is None:
+    if len(found) < 2:
+      only = folder / found[0]
+      inner = _subfolders(only)
+      if inner:
+        raise DataError(
+            f"{where!r} has a single class folder {found[0]!r}, which itself holds the folders "
+            f"{_example_names(inner)}: this looks like the folder above your data set; did you "
+            f"mean manual_dir={os.fspath(only)!r}? A data set needs at least two class folders.")
+      raise DataError(f"{where!r} has only one class folder ({found[0]!r}); a classifier needs at "
+                      f"least two: put each class's images in its own subfolder of {where!r}")
     classes = found
+    inner = [set(_subfolders(folder / c)) for c in classes]
+    shared = set.intersection(*inner)
+    if len(shared) >= 2 and not any(_direct_images(folder / c, exts) for c in classes):
+      raise DataError(
+          f"the class folders of {where!r} ({_example_names(classes)}) all hold the same "
+          f"subfolders ({_example_names(sorted(shared))}) and no images of their own: they look "
+          "like split folders, not classes. Name them train/ and test/, or point manual_dir at one "
+          "of them.")
   else:
     extra = sorted(set(found) - set(classes))
     if extra:
-      raise ValueError(f"{os.fspath(folder)!r} has classes {extra[:5]} that the training folder lacks")
-  exts = {e.lower() for e in extensions}
-  paths, labels = [], []
+      raise DataError(f"{where!r} has classes {extra[:5]} that the training folder lacks; rename "
+                      "or remove them (test classes must be training classes)")
+  paths, labels, stats = [], [], {}
   for label, name in enumerate(classes):
     class_dir = folder / name
     if not class_dir.is_dir():
       continue  # a class may be absent from the test folder
-    files = sorted(os.path.relpath(os.path.join(dirpath, f), folder)
-                   for dirpath, _, filenames in os.walk(class_dir) for f in filenames
-                   if os.path.splitext(f)[1].lower() in exts)
-    if not files:
-      raise ValueError(f"class folder {os.fspath(class_dir)!r} has no images with extensions "
-                       f"{tuple(sorted(exts))}; remove the folder or add images")
-    paths.extend(files)
-    labels.extend([label] * len(files))
-  return list(classes), paths, labels
+    found_stats, loops = user_folders.scan_files(class_dir, prefix=f"{name}/")
+    if loops:
+      warnings.warn(f"{os.fspath(class_dir)!r}: symbolic links lead back to folders already read "
+                    f"({_example_names(loops)}); each folder is read once")
+    images = {rel: st for rel, st in found_stats.items()
+              if os.path.splitext(rel)[1].lower() in exts}
+    if not images:
+      others = sorted(set(found_stats) - set(images))
+      also = f" (it holds only {_example_names(others)})" if others else " (it is empty)"
+      raise DataError(f"class folder {os.fspath(class_dir)!r} has no images with extensions "
+                      f"{tuple(sorted(exts))}{also}; remove the folder or add images")
+    ignored = sorted(set(found_stats) - set(images))
+    if ignored:
+      warnings.warn(f"{len(ignored)} files in {os.fspath(class_dir)!r} are not images by their "
+                    f"extension and are ignored: {_example_names(ignored)} (images: "
+                    f"{tuple(sorted(exts))})")
+    stats.update(images)
+    rels = sorted(images)
+    paths.extend(rels)
+    labels.extend([label] * len(rels))
+  return list(classes), paths, labels, stats
 
 
 class ImageFolderSource(Source):
-  """A class-per-folder image tree (a user's own data). See the module docstring for layouts."""
+  """A class-per-folder image tree (a user's own data). See the module docstring for layouts.
+
+  Keyed by the folder's fingerprint (``fingerprint``; ``version`` = 'folder-' + its first
+  12 hex digits). Every image is decoded once at construction by the pipeline's own
+  decoders; the result is cached in ``<data_dir>/<name>/<version>/``, which also holds
+  PNG conversions of the few images only Pillow can decode. Undecodable images refuse
+  the source (``DataError`` listing them all) unless ``skip_bad_images=True``, which
+  leaves them out and lists them in ``skipped_images``.
+  """
 
   records_are_cheap = True
 
   def __init__(self, root: str | os.PathLike, *, name: str = "image_folder",
-               extensions: Sequence[str] = IMAGE_EXTENSIONS, val_fraction: float = 0.2, split_seed: int = 0):
+               extensions: Sequence[str] = IMAGE_EXTENSIONS, val_fraction: float = 0.2,
+               split_seed: int = 0, data_dir: str | os.PathLike | None = None,
+               skip_bad_images: bool = False):
     super().__init__(val_fraction=val_fraction, split_seed=split_seed)
     self.name = name
-    self.root = pathlib.Path(os.path.expanduser(os.fspath(root)))
-    if not self.root.is_dir():
-      raise FileNotFoundError(
-          f"image folder {os.fspath(self.root)!r} does not exist; pass manual_dir=<folder with one "
-          "subfolder per class> (or with train/ and test/ subfolders holding those)")
-    train_dir = self.root / "train"
-    if train_dir.is_dir() and any(p.is_dir() for p in train_dir.iterdir()):
-      folders = {"trainval": train_dir}
-      if (self.root / "test").is_dir():
-        folders["test"] = self.root / "test"
-    else:
-      folders = {"trainval": self.root}
+    self.root = user_folders.require_folder(root, what="image folder", hint=_FOLDER_HINT)
+    self.data_dir = user_folders.default_data_dir(data_dir)
+    folders = self._layout()
     self.train_split_name = "trainval"
     self.test_split_name = "test" if "test" in folders else None
     self._folders = folders
-    self._classes, paths, labels = _list_class_tree(folders["trainval"], extensions)
-    self._files = {"trainval": (paths, labels)}
+    prefixes = {split: "" if folder == self.root else f"{folder.name}/"
+                for split, folder in folders.items()}
+    classes, rels, labels, stats = _list_class_tree(folders["trainval"], extensions)
+    self._classes = classes
+    listing = {"trainval": (rels, labels, stats)}
     if "test" in folders:
-      _, paths, labels = _list_class_tree(folders["test"], extensions, classes=self._classes)
-      self._files["test"] = (paths, labels)
-    self._keys = {}
-    for split, (paths, _) in self._files.items():
-      keys = [os.path.splitext(p)[0].replace(os.sep, "/") for p in paths]
+      _, rels, labels, stats = _list_class_tree(folders["test"], extensions, classes=classes)
+      listing["test"] = (rels, labels, stats)
+    stats = {prefixes[split] + rel: st
+             for split, (_, _, split_stats) in listing.items() for rel, st in split_stats.items()}
+    self._fingerprint = user_folders.fingerprint(stats)
+    self._version = f"folder-{self._fingerprint[:12]}"
+    cache_dir = self.data_dir / name / self._version
+    check = user_folders.check_images(self.root, sorted(stats), fp=self._fingerprint,
+                                      cache_dir=cache_dir)
+    if check.bad and not skip_bad_images:
+      raise user_folders.bad_images_error(self.root, check)
+    self._skipped = user_folders.absolute_pairs(self.root, check.bad) if skip_bad_images else []
+    self._converted = user_folders.absolute_pairs(self.root, check.converted)
+    png = user_folders.write_converted(self.root, check, cache_dir / "converted")
+    bad = {rel for rel, _ in check.bad}
+    self._files, self._keys = {}, {}
+    for split, (rels, labels, _) in listing.items():
+      prefix, folder = prefixes[split], os.fspath(folders[split])
+      keep = [i for i, rel in enumerate(rels) if prefix + rel not in bad]
+      if split == "trainval":
+        left = set(labels[i] for i in keep)
+        emptied = [self._classes[c] for c in sorted(set(labels) - left)]
+        if emptied:
+          raise DataError(f"class folders {_example_names(emptied)} of {folder!r} have no "
+                          "decodable images left once the undecodable ones are skipped; add "
+                          "images or remove those folders")
+      paths = [png.get(prefix + rels[i], os.path.join(folder, *rels[i].split("/"))) for i in keep]
+      self._files[split] = (paths, [labels[i] for i in keep])
+      keys = [os.path.splitext(rels[i])[0] for i in keep]
       if len(set(keys)) != len(keys):
-        raise ValueError(f"two images in {os.fspath(folders[split])!r} share a name up to the extension; "
-                         "keys must be unique")
+        dup = sorted(k for k, n in collections.Counter(keys).items() if n > 1)
+        raise DataError(f"images in {folder!r} share a name up to the extension "
+                        f"({_example_names(dup)}); keys must be unique: rename one of each pair")
       self._keys[split] = np.array([k.encode("utf-8") for k in keys], dtype=object)
-    digest = hashlib.sha1()
-    for split in sorted(self._files):
-      digest.update(split.encode())
-      digest.update("\n".join(self._files[split][0]).encode("utf-8"))
-    self._version = f"folder-{digest.hexdigest()[:12]}"
+
+  def _layout(self) -> dict[str, pathlib.Path]:
+    """{'trainval': folder[, 'test': folder]} from the root's layout."""
+    train_dir = self.root / "train"
+    if not (train_dir.is_dir() and _subfolders(train_dir)):
+      return {"trainval": self.root}
+    folders = {"trainval": train_dir}
+    if (self.root / "test").is_dir():
+      folders["test"] = self.root / "test"
+    ignored = [n for n in _subfolders(self.root) if n not in ("train", "test")]
+    if ignored:
+      warnings.warn(f"{os.fspath(self.root)!r} has the train/ and test/ layout; its other folders "
+                    f"{_example_names(ignored)} are not used ('val' is carved from train/ by "
+                    "val_fraction)")
+    return folders
 
   @property
   def version(self) -> str:
     return self._version
+
+  @property
+  def fingerprint(self) -> str:
+    return self._fingerprint
+
+  @property
+  def skipped_images(self) -> list[tuple[str, str]]:
+    return list(self._skipped)
+
+  @property
+  def converted_images(self) -> list[tuple[str, str]]:
+    return list(self._converted)
 
   @property
   def class_names(self) -> list[str]:
@@ -420,8 +695,7 @@ class ImageFolderSource(Source):
   def _records(self, official: str, shard: Shard | None) -> tf.data.Dataset:
     paths, labels = self._files[official]
     sl = self._slice(official, shard)
-    folder = os.fspath(self._folders[official])
-    full = [os.path.join(folder, p) for p in paths[sl]]
+    full = paths[sl]
     return tf.data.Dataset.from_tensor_slices({
         "path": tf.constant(full, tf.string) if full else tf.zeros([0], tf.string),
         "label": tf.constant(labels[sl], tf.int32) if full else tf.zeros([0], tf.int32),
@@ -453,7 +727,8 @@ _TFDS_SPECS = {
 
 def get_source(name: str, *, data_dir: str | os.PathLike | None = None,
                manual_dir: str | os.PathLike | None = None, val_fraction: float = 0.2,
-               split_seed: int = 0, download: bool = True, version: str | None = None) -> Source:
+               split_seed: int = 0, download: bool = True, version: str | None = None,
+               skip_bad_images: bool = False) -> Source:
   """Builds a data source from plain keyword arguments (the ``data`` config keys).
 
   Args:
@@ -466,35 +741,28 @@ def get_source(name: str, *, data_dir: str | os.PathLike | None = None,
     split_seed: seed of the train/val assignment.
     download: prepare TFDS data sets that are not in data_dir yet (network or manual_dir).
     version: TFDS version to use (default: the builder's, or 2.1.0 for food101).
+    skip_bad_images: food101_local / image_folder: leave out the images the training
+      pipeline cannot decode (listed by ``source.skipped_images``) instead of refusing
+      the folder with a ``DataError`` that lists them.
+
+  Raises:
+    DataError: a user folder (food101_local, image_folder) cannot be used as given;
+      ``DataFolderNotFoundError`` (also a FileNotFoundError) when it does not exist.
   """
   if name not in SOURCE_NAMES:
     raise ValueError(f"unknown data source {name!r}; use one of {SOURCE_NAMES} (for your own images in "
                      "class subfolders use 'image_folder' with manual_dir=<root>)")
   common = dict(val_fraction=val_fraction, split_seed=split_seed)
-  data_dir = os.path.expanduser(os.fspath(data_dir)) if data_dir is not None else None
   if name == "image_folder":
     if manual_dir is None:
-      raise ValueError("source 'image_folder' needs manual_dir=<folder with one subfolder per class "
-                       "(or with train/ and test/ subfolders)>")
-    return ImageFolderSource(manual_dir, **common)
+      raise DataError("source 'image_folder' needs manual_dir=<folder with one subfolder per class "
+                      "(or with train/ and test/ subfolders)>")
+    return ImageFolderSource(manual_dir, data_dir=data_dir, skip_bad_images=skip_bad_images,
+                             **common)
   if name == "food101_local":
-    from jaxkd.data import food101_local  # registers the builder with TFDS
-    builder = food101_local.Food101Local(data_dir=data_dir, version=version)
-    if not builder.is_prepared():
-      if manual_dir is None:
-        manual_dir = os.path.join(os.fspath(builder.data_dir_root), "downloads", "manual")  # TFDS default
-        if not os.path.isdir(manual_dir):
-          raise FileNotFoundError(
-              f"food101_local is not built in {os.fspath(builder.data_dir)!r} and no manual_dir was given "
-              f"(TFDS's default {manual_dir!r} does not exist); pass manual_dir=<folder holding food-101/>")
-      food101_local.resolve_food101_root(manual_dir)  # clear errors before TFDS starts
-      if not download:
-        raise FileNotFoundError(f"food101_local is not built in {os.fspath(builder.data_dir)!r}; "
-                                "pass download=True to build it from manual_dir")
-    source = TfdsSource(name, builder, train_split="train", test_split="test", manual_dir=manual_dir,
-                        download=download, **common)
-    source.prepare()
-    return source
+    return _food101_local_source(data_dir=data_dir, manual_dir=manual_dir, version=version,
+                                 download=download, skip_bad_images=skip_bad_images, **common)
+  data_dir = os.path.expanduser(os.fspath(data_dir)) if data_dir is not None else None
   builder_name, default_version, train_split, test_split = _TFDS_SPECS[name]
   version = version or default_version
   builder = tfds.builder(f"{builder_name}:{version}" if version else builder_name, data_dir=data_dir)

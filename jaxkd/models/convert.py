@@ -12,10 +12,14 @@ tensor layouts: conv weight [O, I/g, kh, kw] -> kernel [kh, kw, I/g, O] (transpo
 [O, I] -> kernel [I, O], BatchNorm weight/bias -> params scale/bias, running_mean/var -> batch_stats mean/var,
 num_batches_tracked dropped.
 
-Checkpoints: `.safetensors` (read with safetensors' NumPy API, no torch needed) or a PyTorch pickle
-(`.pth`, `.pt`, `.pth.tar`, `.bin`, `.ckpt`; needs torch, loaded with `weights_only=True` on the CPU). Wrapper
-dicts ({'state_dict': ...}, {'model': ...}, {'model_state_dict': ...}) and key prefixes shared by every key
-('module.' from DataParallel, 'model.', '_orig_mod.' from torch.compile) are removed.
+Checkpoints: `.safetensors` (read with safetensors' NumPy API) or a PyTorch pickle written by
+`torch.save` (`.pth`, `.pt`, `.pth.tar`, `.bin`, `.ckpt`; the zip format of PyTorch >= 1.6, which
+all of torchvision's published weights use). Neither needs torch: PyTorch pickles are read by
+`jaxkd.models.torch_pickle`, a restricted unpickler that rebuilds tensors as NumPy arrays and
+refuses every Python object other than tensors, OrderedDicts and plain values (so a malicious file
+cannot run code). Wrapper dicts ({'state_dict': ...}, {'model': ...}, {'model_state_dict': ...})
+and key prefixes shared by every key ('module.' from DataParallel, 'model.', '_orig_mod.' from
+torch.compile) are removed.
 
 Rules (what loads, what is kept at the model's init, what is an error):
   * Every checkpoint tensor must have a counterpart of the same shape and every model variable must come from
@@ -34,14 +38,19 @@ module path, so the needed subset is computed alone, in one small jit-compiled p
 
 `load_pretrained(name, "torchvision")` (or "torchvision:IMAGENET1K_V2") downloads torchvision's official
 ImageNet weights (URLs from torchvision's `*_Weights` enums) into ~/.cache/jaxkd with `download_pretrained`.
+`check_pretrained_readable(spec, model)` checks a checkpoint spec up front (the file exists, its
+format is known and readable with what is installed, the torchvision weights name is known) without
+reading tensors or using the network.
 
-This module imports only the standard library and NumPy at the top (JAX and the model code are imported where
-they are used), so `read_checkpoint` also runs under a Python that has torch but not JAX.
+JAX and the model code are imported where they are used: `read_checkpoint` needs only NumPy (and
+safetensors for .safetensors files).
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
+import json
 import logging
 import os
 import pathlib
@@ -51,6 +60,8 @@ import urllib.request
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
+
+from jaxkd.models import torch_pickle
 
 logger = logging.getLogger(__name__)
 
@@ -89,31 +100,12 @@ def _unwrap(obj: Any, source: str) -> Mapping[str, Any]:
   return obj
 
 
-def _read_torch(path: str) -> dict[str, np.ndarray]:
-  try:
-    import torch  # lazy: only PyTorch pickles need it
-  except ImportError as e:
-    raise ImportError(
-        f"reading the PyTorch checkpoint {path!r} needs torch, which is not installed. Install it "
-        "(`pip install torch`, the CPU build is enough), or convert the file to .safetensors once where torch is "
-        "available: python -c \"import torch, safetensors.torch as s; "
-        f"sd = torch.load('{os.path.basename(path)}', map_location='cpu', weights_only=True); "
-        "s.save_file({k: v.contiguous() for k, v in sd.items()}, 'weights.safetensors')\" "
-        "and pass the .safetensors file instead.") from e
-  obj = torch.load(path, map_location="cpu", weights_only=True)
-  out = {}
-  for key, tensor in _unwrap(obj, repr(path)).items():
-    tensor = tensor.detach().cpu()
-    if tensor.is_floating_point():
-      tensor = tensor.float()  # bfloat16 / float16 -> float32 (NumPy has no bfloat16)
-    out[str(key)] = tensor.numpy()
-  return out
-
-
 def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """Flat {torch key: NumPy array} of a .safetensors file or a PyTorch pickle (.pth/.pt/.pth.tar/.bin/.ckpt).
 
-  Wrapper dicts are removed (see `_WRAPPER_KEYS`); key prefixes are kept (`convert_state_dict` strips them).
+  No torch needed: PyTorch pickles are read by `torch_pickle.load` (arrays keep the tensor's dtype,
+  except bfloat16, which becomes float32). Wrapper dicts are removed (see `_WRAPPER_KEYS`); key
+  prefixes are kept (`convert_state_dict` strips them).
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
@@ -122,9 +114,75 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
     return dict(load_file(path))
   if path.endswith(_TORCH_SUFFIXES):
-    return _read_torch(path)
+    return {str(k): v for k, v in _unwrap(torch_pickle.load(path), repr(path)).items()}
   raise ValueError(f"unknown checkpoint format {path!r}: expected .safetensors or a PyTorch pickle "
                    f"({', '.join(_TORCH_SUFFIXES)})")
+
+
+def _check_safetensors_header(path: str) -> None:
+  """Raises ValueError unless `path` starts like a .safetensors file (header length, JSON header)."""
+  size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    head = f.read(8)
+    length = int.from_bytes(head, "little") if len(head) == 8 else -1
+    header = f.read(length) if 0 < length <= size - 8 else b""
+  try:
+    parsed = json.loads(header) if header else None
+  except (UnicodeDecodeError, json.JSONDecodeError):
+    parsed = None
+  if not isinstance(parsed, dict):
+    raise ValueError(f"{path!r} is not a .safetensors file (no JSON header after its length)")
+
+
+def check_pretrained_readable(spec: str | os.PathLike, model: Optional[str] = None) -> None:
+  """Raises ValueError, naming `spec` and what to do, when `load_pretrained(model, spec)` could not
+  read it.
+
+  Checks without reading tensors or using the network: `model` (when given) must be a registered
+  model that checkpoints can be imported into; 'torchvision' / 'torchvision:WEIGHTS' must name
+  weights in `TORCHVISION_URLS` (for `model` when given, else for any model); a path ('~' expanded)
+  must exist, have a known suffix, and its reader must be installed and recognise the file's
+  format (a PyTorch pickle must be in torch.save's zip format: the legacy format is refused here,
+  saying how to re-save it).
+  """
+  spec = os.fspath(spec)
+  if model is not None:
+    from jaxkd.models.registry import create
+    try:
+      _family(model, create(model, num_classes=1000))  # constructs the module only: no compute
+    except ValueError as e:
+      raise ValueError(f"pretrained checkpoint {spec!r}: {e}") from e
+  if spec == "torchvision" or spec.startswith("torchvision:"):
+    weights = spec.partition(":")[2] or "IMAGENET1K_V1"
+    if model is not None:
+      try:
+        torchvision_url(model, weights)
+      except ValueError as e:
+        raise ValueError(f"pretrained checkpoint {spec!r}: {e}") from e
+    else:
+      known = sorted({w for table in TORCHVISION_URLS.values() for w in table})
+      if weights not in known:
+        raise ValueError(f"pretrained checkpoint {spec!r}: torchvision has no weights {weights!r}; "
+                         f"choose one of {known} (as 'torchvision:NAME')")
+    return
+  path = os.path.expanduser(spec)
+  if not os.path.isfile(path):
+    raise ValueError(f"pretrained checkpoint {spec!r} is not a file: give a .safetensors or PyTorch "
+                     f"({', '.join(_TORCH_SUFFIXES)}) checkpoint, or 'torchvision' / "
+                     "'torchvision:IMAGENET1K_V2' for torchvision's ImageNet weights (downloaded)")
+  try:
+    if path.endswith(".safetensors"):
+      if importlib.util.find_spec("safetensors") is None:
+        raise ValueError("reading .safetensors needs the safetensors package, which is not "
+                         "installed: pip install -r requirements.txt (or pip install safetensors)")
+      _check_safetensors_header(path)
+    elif path.endswith(_TORCH_SUFFIXES):
+      torch_pickle.check_format(path)
+    else:
+      raise ValueError(f"unknown checkpoint format: expected .safetensors or a PyTorch pickle "
+                       f"({', '.join(_TORCH_SUFFIXES)})")
+  except ValueError as e:
+    raise ValueError(f"pretrained checkpoint {spec!r}: {e}") from e
 
 
 def _strip_prefixes(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -329,6 +387,19 @@ def _attention_slot(params: Mapping, features: str, block: str) -> bool:
   return "bn" not in layer.get(block, {})
 
 
+def _family(name: str, model: Any) -> _Family:
+  """The key-mapping family of Flax module `model` (registered as `name`); ValueError if none."""
+  from jaxkd.models.mobilenetv3 import MobileNetV3
+  from jaxkd.models.resnet import ResNet
+
+  if isinstance(model, ResNet):
+    return _RESNET
+  if isinstance(model, MobileNetV3):
+    return _MOBILENET
+  raise ValueError(f"no PyTorch checkpoint import for model {name!r} ({type(model).__name__}); "
+                   "supported: resnet18/34/50/101 and mobilenet_v3_* (torchvision naming)")
+
+
 def convert_state_dict(name: str, state_dict: Mapping[str, Any], *, num_classes: int, strict: bool = True,
                        rng: Any = 0, source: str = "<state dict>",
                        model_kwargs: Optional[Mapping[str, Any]] = None) -> tuple[dict, ConversionReport]:
@@ -340,19 +411,11 @@ def convert_state_dict(name: str, state_dict: Mapping[str, Any], *, num_classes:
   import jax
   import jax.numpy as jnp
 
-  from jaxkd.models.mobilenetv3 import MobileNetV3
   from jaxkd.models.registry import create
-  from jaxkd.models.resnet import ResNet
 
   model_kwargs = dict(model_kwargs or {})
   model = create(name, num_classes=num_classes, **model_kwargs)
-  if isinstance(model, ResNet):
-    family = _RESNET
-  elif isinstance(model, MobileNetV3):
-    family = _MOBILENET
-  else:
-    raise ValueError(f"no PyTorch checkpoint import for model {name!r} ({type(model).__name__}); supported: "
-                     "resnet18/34/50/101 and mobilenet_v3_* (torchvision naming)")
+  family = _family(name, model)
   in_block_attention = getattr(model, "attention", "se")
   described = f"model {name!r} (num_classes={num_classes}{''.join(f', {k}={v!r}' for k, v in model_kwargs.items())})"
 
@@ -538,7 +601,7 @@ def load_pretrained(name: str, path: str | os.PathLike, *, num_classes: int, str
   """Flax variables {'params', 'batch_stats'} (NumPy float32) of model `name` from a PyTorch checkpoint.
 
   `path`: a .safetensors / .pth / .pt file, or 'torchvision' ('torchvision:IMAGENET1K_V2') for torchvision's
-  official ImageNet weights, downloaded into `cache_dir` (a .pth: loading it needs torch).
+  official ImageNet weights, downloaded into `cache_dir` (a .pth, read without torch).
   `model_kwargs` go to `jaxkd.models.create` (e.g. {'attention': 'eca'}). Returns the variables, or
   (variables, ConversionReport) with `return_report=True`. Raises CheckpointMismatchError (listing every
   unexpected, missing or mis-shaped key) unless `strict=False`.

@@ -34,7 +34,8 @@ from orbax.checkpoint import checkpoint_managers as ocm
 
 from jaxkd.train.state import abstract_state
 
-__all__ = ["Checkpointer", "PreemptionFlag", "install_sigterm_handler"]
+__all__ = ["Checkpointer", "PreemptionFlag", "StopRequested", "install_sigterm_handler",
+           "install_stop_handler"]
 
 PyTree = Any
 
@@ -224,6 +225,28 @@ class PreemptionFlag:
     for signum, handler in self._previous.items():
       signal.signal(signum, handler)
     self._previous.clear()
+
+
+class StopRequested(Exception):
+  """Raised by a stage that stopped at a safe point after SIGINT/SIGTERM, its work saved.
+
+  The command line turns it into one message and an exit code; library code never exits.
+  """
+
+  def __init__(self, signum: Optional[int], where: str):
+    self.signum = signum
+    self.where = where
+    name = signal.Signals(signum).name if signum else "a stop request"
+    super().__init__(f"stopped by {name} {where}")
+
+
+def install_stop_handler() -> PreemptionFlag:
+  """SIGTERM and SIGINT (Ctrl-C) both set the flag: stop at the next safe point, keep the work.
+
+  A second Ctrl-C while the flag is set raises KeyboardInterrupt as usual (a stuck process can still
+  be stopped); a second SIGTERM kills the process.
+  """
+  return install_sigterm_handler(also_sigint=True)
 
 
 def install_sigterm_handler(*, also_sigint: bool = False) -> PreemptionFlag:

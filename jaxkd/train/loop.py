@@ -92,6 +92,29 @@ def _truncate_metrics_after(path: pathlib.Path, step: int) -> None:
     path.write_text("".join(l + "\n" for l in kept))
 
 
+class _QuietProgress:
+  """With progress bars off (--progress=false, logs, batch jobs): one line per epoch end, and at
+  least every `every_s` seconds, with loss, accuracy, images/s and the time left."""
+
+  def __init__(self, desc: str, total_steps: int, steps_per_epoch: int, batch_size: int, *,
+               enabled: bool, start_step: int, every_s: float = 60.0):
+    self.desc, self.total, self.spe, self.bs = desc, total_steps, steps_per_epoch, batch_size
+    self.enabled, self.every_s = enabled, every_s
+    self.t0 = self.last = time.time()
+    self.step0 = start_step
+
+  def update(self, step: int, mean: Mapping[str, float], *, force: bool) -> None:
+    now = time.time()
+    if not self.enabled or not (force or now - self.last >= self.every_s):
+      return
+    self.last = now
+    rate = (step - self.step0) * self.bs / max(now - self.t0, 1e-9)
+    left = (self.total - step) * self.bs / max(rate, 1e-9)
+    print(f"[{self.desc}] step {step}/{self.total} (epoch {step / self.spe:.2f}) "
+          f"loss {mean['loss']:.4f} acc {mean['accuracy']:.3f} {rate:.1f} img/s, "
+          f"{left / 60:.1f} min left", flush=True)
+
+
 def fit(*, model, stage_config: Any, source, augment: Mapping[str, Any], mesh, stage_dir: pathlib.Path,
         seed: int, image_size: int, teacher_model=None, teacher_variables=None,
         teacher_lookup: Optional[Callable] = None, init_variables: Optional[Mapping[str, Any]] = None,
@@ -179,6 +202,8 @@ def fit(*, model, stage_config: Any, source, augment: Mapping[str, Any], mesh, s
                desc=desc, disable=not progress or jax.process_index() != 0, dynamic_ncols=True)
     pending: list[dict] = []
     preempted = False
+    quiet_log = _QuietProgress(desc, total_steps, steps_per_epoch, batch_size,
+                               enabled=not progress and jax.process_index() == 0, start_step=step)
     while step < total_steps:
       batch = next(batches)
       state, metrics = train_step(state, batch, t_vars)
@@ -192,6 +217,7 @@ def fit(*, model, stage_config: Any, source, augment: Mapping[str, Any], mesh, s
         mean["epoch"] = step / steps_per_epoch
         writer.write(step, mean, kind="train")
         bar.set_postfix(loss=f"{mean['loss']:.4f}", acc=f"{mean['accuracy']:.3f}", refresh=False)
+        quiet_log.update(step, mean, force=epoch_end or step == total_steps)
         pending = []
       position = {"step": step, "epoch": step // steps_per_epoch, "seed": seed}
       if preemption is not None and preemption.requested:

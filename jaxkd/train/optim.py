@@ -79,11 +79,14 @@ def _piecewise_anneal(phases: list[tuple[float, float, float]], anneal: str) -> 
   if anneal not in ("cos", "linear"):
     raise ValueError(f"anneal must be 'cos' or 'linear', got {anneal!r}")
   starts = [0.0] + [p[0] for p in phases[:-1]]
+  # Like PyTorch, a phase may end before step 0 (short runs: pct_start * T < 1); it is then never
+  # selected and the next phase starts from its (negative) end. Only an empty phase (end == start,
+  # PyTorch's ZeroDivisionError) has no defined value.
   for (end_step, _, _), start_step in zip(phases, starts):
-    if not end_step > start_step:
+    if end_step == start_step:
       raise ValueError(
-          f"one-cycle phase boundaries {[p[0] for p in phases]} are not increasing; increase "
-          "total_steps or change pct_start so every phase has at least one step")
+          f"one-cycle phase boundaries {[p[0] for p in phases]} leave a phase of zero length; change "
+          "pct_start slightly (or the number of steps) so that no two boundaries coincide")
 
   def anneal_fn(v0, v1, rest):
     """Value at fraction pct = 1 - rest of the way from v0 to v1."""

@@ -1,5 +1,6 @@
-"""The experiment report: report.md / report.json in the shape of the seed's Table 1
-(model, parameters, MACs, accuracy) and plots (training curves, confusion matrices)."""
+"""The experiment report: report.md / report.json (model, parameters, MACs, accuracy per split, as in
+the tables of the distillation papers) and plots (training curves, confusion matrices). It describes
+the run that happened: the title comes from the effective dataset, models and loss."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ import numpy as np
 from jaxkd import models
 from jaxkd.train.loop import read_metrics
 
-__all__ = ["write_report", "plot_training_curves", "plot_confusion"]
+__all__ = ["write_report", "describe_run", "reference_for_run", "plot_training_curves", "plot_confusion"]
 
 
 def _pct(x) -> str:
@@ -72,50 +73,139 @@ def plot_confusion(confusion, class_names, title: str, path: pathlib.Path) -> No
   plt.close(fig)
 
 
-def write_report(config, workdir: pathlib.Path, *, source, results: Mapping[tuple[str, str], dict]) -> dict:
-  """Writes report.json, report.md and plots/ into `workdir`; returns the report dict."""
+def _loss_text(config) -> str:
+  loss = config.student.loss
+  kind = str(loss.kind)
+  if kind == "ce":
+    return "CE only (no distillation)"
+  parts = [kind.upper()]
+  if loss.get("perception"):
+    parts.append("+ perception reconstruction")
+  if loss.get("standardize"):
+    parts.append("+ logit standardization")
+  feats = loss.get("feature_losses") or ()
+  if feats:
+    parts.append("+ features")
+  teacher = config.student.get("teacher", "stored")
+  source = {"stored": "stored teacher logits", "online": "an online teacher"}.get(teacher, teacher)
+  return " ".join(parts) + f" from {source}"
+
+
+def describe_run(config, source) -> str:
+  """The report's title, from what actually ran: dataset, models and loss (not the config's name)."""
+  data = f"{source.name} ({source.num_classes} classes)"
+  teacher = config.teacher.model if config.teacher.enabled else None
+  student = config.student.model if config.student.enabled else None
+  if teacher and student:
+    if _needs_teacher(config):
+      return f"{data}: {teacher} -> {student}, {_loss_text(config)}"
+    return f"{data}: teacher {teacher}; student {student}, {_loss_text(config)}"
+  if teacher:
+    return f"{data}: teacher {teacher}"
+  return f"{data}: {student}, {_loss_text(config)}"
+
+
+def _needs_teacher(config) -> bool:
+  return str(config.student.loss.kind) != "ce"
+
+
+def reference_for_run(config, source) -> tuple[dict, str]:
+  """(the config's published reference, '') when it refers to this run, else ({}, why it is not shown).
+
+  A reference says what it refers to in `applies_to`: any of dataset (a name or a list of names),
+  num_classes, teacher, student, loss (the loss kind), perception, image_size. Every given field must match the
+  effective run; a reference without `applies_to` is never shown, as it cannot be checked.
+  """
+  ref = dict(config.report.get("reference", {}) or {}) if "report" in config else {}
+  if not ref:
+    return {}, ""
+  applies = dict(ref.get("applies_to", {}) or {})
+  if not applies:
+    return {}, "the config's reference does not say which dataset and models it refers to"
+  actual = {"dataset": source.name, "num_classes": source.num_classes,
+            "teacher": config.teacher.model if config.teacher.enabled else None,
+            "student": config.student.model if config.student.enabled else None,
+            "loss": str(config.student.loss.kind), "perception": bool(config.student.loss.get("perception")),
+            "image_size": int(config.augment.image_size)}
+  for key, want in applies.items():
+    wanted = list(want) if isinstance(want, (list, tuple)) else [want]
+    if actual.get(key) not in wanted:
+      return {}, f"it refers to {key} {want!r}, this run has {actual.get(key)!r}"
+  return ref, ""
+
+
+def write_report(config, workdir: pathlib.Path, *, source, results: Mapping[tuple[str, str], dict],
+                 splits=None, data_splits=None) -> dict:
+  """Writes report.json, report.md and plots/ into `workdir`; returns the report dict.
+
+  `splits`: the evaluated splits in order (default config.evaluate.splits); a split the data does
+  not have (an image folder without test/) is said so in the report. `data_splits`: the splits the
+  data has (default train, val, test), for the image counts.
+  """
   workdir = pathlib.Path(workdir)
   plots = workdir / "plots"
   plots.mkdir(exist_ok=True)
   image_size = int(config.augment.image_size)
+  splits = list(splits if splits is not None else config.evaluate.splits)
+  absent = [s for s in config.evaluate.splits if s not in splits]
   roles = [r for r in ("teacher", "student") if any(k[0] == r for k in results)]
   rows = []
   for role in roles:
     stage = config[role]
-    kwargs = dict(stage.get("model_kwargs", {}))
+    kwargs = {k: v for k, v in dict(stage.get("model_kwargs", {})).items() if v is not None}
     cost = models.cost(stage.model, image_size=image_size, num_classes=source.num_classes, **kwargs)
     row = {"role": role, "model": stage.model, "model_kwargs": kwargs, "params": int(cost["params"]),
            "macs": float(cost["macs"]), "image_size": image_size}
     if role == "student":
-      row["loss"] = dict(config.student.loss)
-    for split in config.evaluate.splits:
+      row["loss"] = stage.loss.to_dict()
+    for split in splits:
       res = results.get((role, split))
       if res is not None:
         row[split] = {k: res[k] for k in ("top1", "top5", "loss", "num_examples")}
         row[split]["per_class_accuracy"] = res["per_class_accuracy"]
     rows.append(row)
 
-  report = {"name": config.get("name", ""), "dataset": {"name": source.name, "version": source.version,
-                                                        "num_classes": source.num_classes,
-                                                        "splits": {s: source.num_examples(s)
-                                                                   for s in ("train", "val", "test")}},
-            "models": rows, "reference": dict(config.report.get("reference", {})) if "report" in config else {}}
+  data_splits = [s for s in (data_splits or ("train", "val", "test")) if s not in absent]
+  counts = {s: source.num_examples(s) for s in data_splits}
+  skipped = [list(x) for x in getattr(source, "skipped_images", None) or []]
+  converted = [list(x) for x in getattr(source, "converted_images", None) or []]
+  title = describe_run(config, source)
+  reference, why_not = reference_for_run(config, source)
+  report = {"title": title, "config_name": config.get("name", ""),
+            "dataset": {"name": source.name, "version": source.version, "num_classes": source.num_classes,
+                        "splits": counts, "absent_splits": absent, "skipped_images": skipped,
+                        "converted_images": converted},
+            "models": rows, "reference": reference}
+  if why_not:
+    report["reference_not_shown"] = why_not
   (workdir / "report.json").write_text(json.dumps(report, indent=2))
 
-  splits = list(config.evaluate.splits)
-  lines = [f"# {config.get('name', 'jaxkd experiment')}", "",
-           f"Data: {source.name} {source.version}, {source.num_classes} classes; "
-           f"train {source.num_examples('train')} / val {source.num_examples('val')} / "
-           f"test {source.num_examples('test')} images; {image_size} px.", "",
-           "| model | role | parameters | MACs | " + " | ".join(f"{s} top-1 (%) | {s} top-5 (%)" for s in splits) + " |",
-           "|---|---|---:|---:|" + "---:|---:|" * len(splits)]
+  count_text = " / ".join(f"{s} {n}" for s, n in counts.items())
+  lines = [f"# {title}", "",
+           f"Data: {source.name} {source.version}, {source.num_classes} classes; {count_text} images; "
+           f"{image_size} px."]
+  if absent:
+    lines += ["", f"The data has no {' / '.join(absent)} split (no test/ folder): the results below are on "
+              f"{' / '.join(splits)}, images held out from training."]
+  if skipped:
+    shown = ", ".join(f"{p} ({why})" for p, why in skipped[:20])
+    more = f", and {len(skipped) - 20} more (report.json lists all)" if len(skipped) > 20 else ""
+    lines += ["", f"{len(skipped)} image(s) could not be decoded and were left out "
+              f"(data.skip_bad_images): {shown}{more}."]
+  if converted:
+    lines += ["", f"{len(converted)} image(s) in a format TensorFlow cannot decode were converted to PNG "
+              "when the dataset was built (report.json lists them)."]
+  lines += ["",
+            "| model | role | parameters | MACs | " + " | ".join(f"{s} top-1 (%) | {s} top-5 (%)" for s in splits)
+            + " |",
+            "|---|---|---:|---:|" + "---:|---:|" * len(splits)]
   for row in rows:
     accs = " | ".join(f"{_pct(row.get(s, {}).get('top1'))} | {_pct(row.get(s, {}).get('top5'))}" for s in splits)
-    lines.append(f"| {row['model']} | {row['role']} | {row['params'] / 1e6:.2f} M | {row['macs'] / 1e9:.3f} G | {accs} |")
-  ref = report["reference"]
-  if ref:
-    lines += ["", "Published reference (" + ref.get("source", "seed") + "): " +
-              ", ".join(f"{k} {v}" for k, v in ref.items() if k != "source") + "."]
+    lines.append(f"| {row['model']} | {row['role']} | {row['params'] / 1e6:.2f} M | {row['macs'] / 1e9:.3f} G | "
+                 f"{accs} |")
+  if reference:
+    lines += ["", "Published reference (" + str(reference.get("source", "")) + "): " +
+              ", ".join(f"{k} {v}" for k, v in reference.items() if k not in ("source", "applies_to")) + "."]
   if plot_training_curves(workdir, roles, plots / "training_curves.png"):
     lines += ["", "![training curves](plots/training_curves.png)"]
   for role in roles:

@@ -30,6 +30,54 @@ and the perception statistics, but training-mode BatchNorm statistics *do*
 include them. Training batches are therefore never padded (the loaders drop
 the remainder); padding is for evaluation, where BatchNorm uses running
 statistics and padding is exactly neutral.
+
+MixUp / CutMix batches (Zhang et al., "mixup: Beyond Empirical Risk
+Minimization", ICLR 2018; Yun et al., "CutMix", ICCV 2019), as made by
+jaxkd.data.augment.mix_batch: image x = mix of x_i and its partner x_j with
+weight lam, plus 'soft_label' q = lam onehot(y_i) + (1 - lam) onehot(y_j),
+'mix_lambda' lam [B] and, with stored teacher logits, 'mix_teacher_logits'
+(the partner's stored logits t_j beside the example's own t_i).
+
+- CE trains against q, never the hard label. Label smoothing eps is applied
+  on top: target (1 - eps) q + eps / C, which equals mixing the two smoothed
+  one-hot labels with lam (the convention of timm's Mixup).
+- metrics['accuracy'] on a training batch is q[argmax z_s], the expected
+  top-1 hit against a label drawn from q (lam for y_i, 1 - lam for y_j); for
+  hard labels (and unmixed batches, lam = 1) it is the usual top-1.
+- Stored teacher: the logits were computed once per image on its eval view,
+  so the teacher never saw the mixed image. The target is the same mix as
+  the image and the label, taken in probability space at the loss's
+  temperature T, after standardisation / perception:
+    p_t = lam softmax(z'_i / T) + (1 - lam) softmax(z'_j / T),
+  and D = T^2 KL(p_t || softmax(z'_s / T)). The gradient with respect to
+  z_s is T (softmax(z_s / T) - p_t), linear in p_t, so it is exactly
+  lam * grad KD(p_i) + (1 - lam) * grad KD(p_j): the same split as MixUp's
+  CE on the mixed label, and for a one-hot-confident teacher p_t -> q.
+  Mixing logits instead (softmax(lam z_i + (1 - lam) z_j)) is a normalised
+  geometric mean p_i^lam p_j^(1-lam): for a confident teacher it gives the
+  dominant class far more than lam (two classes, logit margin 10, T = 1,
+  lam = 0.6: 0.88), contradicting the mixed label, and it changes with T,
+  which the pipeline does not know (T may be a schedule or an hparam). So
+  the pipeline passes t_i, t_j and lam, and the step mixes. (The exact target,
+  the teacher's output on the mixed image, is what the online teacher gives
+  and what FKD-Mix stores per mixed crop: Yin, Xing & Shen, "Squeeze, Recover
+  and Relabel", NeurIPS 2023; per-image stored logits cannot provide it.)
+  The mix is handed to losses.kd_loss as pseudo-logits T log p_t, whose
+  softmax at temperature T is exactly p_t. Perception statistics are taken
+  over the examples' own rows (weights), and the partner rows are
+  transformed with those same per-class statistics.
+- Online teacher: it runs on batch['image'], i.e. on the mixed image itself,
+  so its output already is the teacher's view of the mixed input
+  (consistent teaching, Beyer et al., "Knowledge distillation: A good
+  teacher is patient and consistent", CVPR 2022); nothing is mixed, stored
+  fields are ignored.
+- DKD (Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022) splits
+  the distributions at one ground-truth class; a mixed example has two, and
+  taking the dominant one would make the partner class "non-target dark
+  knowledge" weighted by beta. DKD is therefore refused on batches with
+  soft labels (ValueError; `check_mixing_supported` is the same check for
+  config validation). Perception reconstruction needs no label (it is a
+  per-class standardisation over the batch) and works with mixing.
 """
 from __future__ import annotations
 
@@ -54,12 +102,14 @@ __all__ = [
     "data_mesh",
     "batch_sharding",
     "TRAIN_BATCH_KEYS",
+    "check_mixing_supported",
 ]
 
 HParam = Union[float, Callable[[jax.Array], jax.Array]]
 PyTree = Any
 
-TRAIN_BATCH_KEYS = ("image", "label", "weight", "teacher_logits")
+TRAIN_BATCH_KEYS = ("image", "label", "weight", "teacher_logits", "soft_label", "mix_lambda",
+                    "mix_teacher_logits")
 _KINDS = ("ce", "kd", "dkd", "lskd")
 _FEATURE_KINDS = ("at", "hint", "mmd")
 HPARAM_NAMES = ("ce_weight", "kd_weight", "kd_alpha", "temperature", "alpha", "beta", "warmup")
@@ -196,6 +246,38 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P("data"))
 
 
+_DKD_MIXING = (
+    "loss kind 'dkd' cannot train on MixUp/CutMix batches: DKD splits the teacher's and the "
+    "student's distributions at one ground-truth class, and a mixed example has two labels "
+    "(soft_label). Use kind 'kd' or 'lskd' (perception=True works too) with MixUp/CutMix, or "
+    "turn mixing off (mixup_alpha=0, mixup_lambda_range=None, cutmix_alpha=0)")
+
+
+def check_mixing_supported(loss_config: Any) -> None:
+  """Raises ValueError when `loss_config` cannot train on MixUp/CutMix batches (soft labels).
+
+  DKD needs one ground-truth class per example to split target from non-target
+  classes; a mixed example has two (see the module docstring). Every other loss
+  (CE, KD, LS-KD, with or without perception, feature losses) trains on mixed batches.
+  """
+  if LossConfig.from_config(loss_config).kind == "dkd":
+    raise ValueError(_DKD_MIXING)
+
+
+def _mixed_teacher_logits(own: jax.Array, partner: jax.Array, lam: jax.Array,
+                          temperature: jax.Array) -> jax.Array:
+  """Pseudo-logits u with softmax(u / T) = lam softmax(own / T) + (1 - lam) softmax(partner / T).
+
+  u = T log p_mix, with log p_mix = logaddexp(log lam + log_softmax(own / T),
+  log(1 - lam) + log_softmax(partner / T)): finite for every lam in [0, 1]
+  (lam = 1, an unmixed batch, gives own exactly up to a per-row constant).
+  """
+  lam = lam.astype(jnp.float32)[:, None]
+  log_p = jnp.logaddexp(jnp.log(lam) + jax.nn.log_softmax(own / temperature, axis=-1),
+                        jnp.log1p(-lam) + jax.nn.log_softmax(partner / temperature, axis=-1))
+  return temperature * log_p
+
+
 def _topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
   k = min(k, logits.shape[-1])
   _, idx = jax.lax.top_k(logits, k)
@@ -242,14 +324,19 @@ def make_train_step(model: nn.Module, loss_config: Any, tx: optax.GradientTransf
 
   batch: dict with 'image' [B,H,W,3], 'label' int32 [B] (or [B,C] soft labels
     for CE/KD), optional 'weight' float32 [B] (default all ones) and
-    'teacher_logits' float32 [B,C]; other keys are ignored. B must be divisible
-    by the mesh's 'data' size.
+    'teacher_logits' float32 [B,C]; from MixUp/CutMix (jaxkd.data.augment.mix_batch)
+    'soft_label' float32 [B,C] (then the CE target instead of 'label'),
+    'mix_lambda' float32 [B] and 'mix_teacher_logits' float32 [B,C] (the
+    partner's stored logits, mixed with 'teacher_logits' in probability space;
+    see the module docstring); other keys are ignored. B must be divisible
+    by the mesh's 'data' size. Kind 'dkd' refuses soft labels (ValueError).
   hparams: optional dict overriding config values by name (any of
     HPARAM_NAMES, as floats or float32 scalars) without recompiling, e.g.
     {'temperature': 3.0} from jaxkd.schedules.temperature_from_accuracy.
 
   metrics (float32 scalars, replicated, weighted over the global batch): loss,
-  ce, kd or dkd, feat_<kind>_<key> per feature loss, accuracy, learning_rate
+  ce, kd or dkd, feat_<kind>_<key> per feature loss, accuracy (with soft labels
+  q: mean of q[argmax z], see the module docstring), learning_rate
   (if learning_rate_fn), temperature / kd_weight_eff (when distilling),
   grad_norm, num_examples.
   """
@@ -281,10 +368,14 @@ def make_train_step(model: nn.Module, loss_config: Any, tx: optax.GradientTransf
     weights = batch.get("weight")
     weights = (jnp.ones(labels.shape[:1], jnp.float32) if weights is None
                else weights.astype(jnp.float32))
-    int_labels = labels if labels.ndim == 1 else jnp.argmax(labels, axis=-1)
+    # CE target: MixUp/CutMix soft labels when present, else 'label' (int or [B, C]).
+    targets = batch["soft_label"].astype(jnp.float32) if "soft_label" in batch else labels
+    if targets.ndim != 1 and cfg.kind == "dkd":
+      raise ValueError("this batch has soft labels ('soft_label' or a [B, C] 'label'); "
+                       + _DKD_MIXING)
 
-    # Teacher outputs (no gradient).
-    t_logits = t_feats = None
+    # Teacher outputs (no gradient). t_partner: the MixUp/CutMix partner's stored logits.
+    t_logits = t_feats = t_partner = t_lambda = None
     if cfg.needs_teacher:
       if teacher_model is not None:
         if teacher_variables is None:
@@ -296,6 +387,12 @@ def make_train_step(model: nn.Module, loss_config: Any, tx: optax.GradientTransf
         t_feats = jax.lax.stop_gradient(t_feats)
       elif "teacher_logits" in batch:
         t_logits = jax.lax.stop_gradient(batch["teacher_logits"].astype(jnp.float32))
+        if "mix_teacher_logits" in batch:
+          if "mix_lambda" not in batch:
+            raise ValueError("the batch has 'mix_teacher_logits' but no 'mix_lambda': both "
+                             "come from jaxkd.data.augment.mix_batch; pass them together")
+          t_partner = jax.lax.stop_gradient(batch["mix_teacher_logits"].astype(jnp.float32))
+          t_lambda = batch["mix_lambda"].astype(jnp.float32)
       else:
         raise ValueError(f"loss kind {cfg.kind!r} needs teacher logits: put 'teacher_logits' in the "
                          "batch or pass teacher_model to make_train_step")
@@ -309,6 +406,26 @@ def make_train_step(model: nn.Module, loss_config: Any, tx: optax.GradientTransf
     warm = get("warmup")
     dropout_rng = jax.random.fold_in(state.rng, step)
 
+    # Teacher side of the distillation term (no dependence on params).
+    zt = None
+    if cfg.distills:
+      zt, zp = t_logits, t_partner
+      if cfg.standardize:
+        zt = losses.logit_standardize(zt, eps=cfg.standardize_eps)
+        zp = None if zp is None else losses.logit_standardize(zp, eps=cfg.standardize_eps)
+      if cfg.perception:
+        if zp is None:
+          zt = losses.perception_reconstruct(zt, eps=cfg.perception_eps, weights=weights)
+        else:
+          # Statistics over the own rows only (partner rows weight 0), applied to both.
+          both = losses.perception_reconstruct(
+              jnp.concatenate([zt, zp]), eps=cfg.perception_eps,
+              weights=jnp.concatenate([weights, jnp.zeros_like(weights)]))
+          zt, zp = both[:zt.shape[0]], both[zt.shape[0]:]
+      if zp is not None:
+        zt = _mixed_teacher_logits(zt, zp, t_lambda, temperature)
+      zt = jax.lax.stop_gradient(zt)
+
     def loss_fn(params):
       variables = {"params": params}
       if state.batch_stats:
@@ -317,19 +434,17 @@ def make_train_step(model: nn.Module, loss_config: Any, tx: optax.GradientTransf
           model, variables, images, train=True, features=need_feats,
           mutable=["batch_stats"], rngs={"dropout": dropout_rng})
       logits = logits.astype(jnp.float32)
-      terms = {"ce": losses.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing,
+      terms = {"ce": losses.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing,
                                           weights=weights)}
       total = ce_w * terms["ce"]
       if cfg.distills:
-        zs, zt = logits, t_logits
+        zs = logits
         if cfg.standardize:
           zs = losses.logit_standardize(zs, eps=cfg.standardize_eps)
-          zt = losses.logit_standardize(zt, eps=cfg.standardize_eps)
         if cfg.perception:
           zs = losses.perception_reconstruct(zs, eps=cfg.perception_eps, weights=weights)
-          zt = losses.perception_reconstruct(zt, eps=cfg.perception_eps, weights=weights)
-        if cfg.kind == "dkd":
-          terms["dkd"] = losses.dkd_loss(zs, zt, int_labels, alpha=get("alpha"), beta=get("beta"),
+        if cfg.kind == "dkd":  # int labels only (checked above)
+          terms["dkd"] = losses.dkd_loss(zs, zt, labels, alpha=get("alpha"), beta=get("beta"),
                                          temperature=temperature, weights=weights)
           total = total + kd_w * warm * terms["dkd"]
         else:
@@ -356,7 +471,11 @@ def make_train_step(model: nn.Module, loss_config: Any, tx: optax.GradientTransf
                               batch_stats=mutated.get("batch_stats", state.batch_stats),
                               opt_state=opt_state)
 
-    correct = (jnp.argmax(logits, axis=-1) == int_labels).astype(jnp.float32)
+    pred = jnp.argmax(logits, axis=-1)
+    if targets.ndim == 1:
+      correct = (pred == targets).astype(jnp.float32)
+    else:  # expected top-1 hit against a label drawn from the soft label
+      correct = jnp.take_along_axis(targets.astype(jnp.float32), pred[:, None], axis=-1)[:, 0]
     metrics = {"loss": total, **terms,
                "accuracy": losses.weighted_mean(correct, weights),
                "grad_norm": optax.tree.norm(grads),

@@ -1,0 +1,309 @@
+"""jaxkd command line: run an experiment's stages (teacher, logits, student, evaluate, report).
+
+  python main.py --config=configs/food101_eca.py --workdir=runs/food101_eca
+  jaxkd --config=configs/food101_mini.py --workdir=/tmp/mini --config.student.epochs=5
+  jaxkd --config=configs/food101_mini.py --print_config      # every key, its value, unit, meaning
+
+Stages already finished in --workdir are skipped; a killed run resumes from its
+last checkpoint; SIGTERM saves a checkpoint and exits cleanly. Multi-host jobs
+(TPU pods, SLURM, or JAX_COORDINATOR_ADDRESS set) start with
+jax.distributed.initialize().
+
+Errors in the command line, the config or the data print one line
+(``config error: ...``, ``data error: ...``, ``usage error: ...``) and exit
+with code 2; Ctrl-C exits with code 130.
+"""
+from __future__ import annotations
+
+import ast
+import os
+import re
+import signal
+import sys
+from typing import Any, Optional, Sequence
+
+from absl import flags, logging
+from ml_collections import config_flags
+
+from jaxkd import config as schema
+from jaxkd.config import ConfigError
+
+__all__ = ["main", "console_main", "parse_args", "UsageError"]
+
+_HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpfull", "--helpshort")
+_OVERRIDE = re.compile(r"^--?(no)?config\.([^=]+)(?:=(.*))?$", re.DOTALL)
+
+_OVERRIDES_HELP = """\
+Config keys are overridden with --config.KEY=VALUE (KEY a dotted path; after --config):
+  --config.student.epochs=5  --config.student.loss.temperature=2  --config.augment.flip=false
+  --config.evaluate.splits="('val',)"               (tuples: a quoted Python tuple)
+  --config.student.model_kwargs.width_mult=0.75    (model options; None = the model's default)
+  --config.teacher.pretrained=None                 (None resets an optional key)
+List every key with its value, unit and meaning (no compute, no --workdir):
+  --config=CONFIG.py --print_config
+"""
+
+
+class _LoadFailed(Exception):
+  """A config file that cannot be loaded (not a ValueError, so absl does not rewrap it)."""
+
+
+class UsageError(Exception):
+  """A command-line mistake outside the config (unknown flag, missing --config or --workdir)."""
+
+
+class _ConfigFileParser(flags.ArgumentParser):
+  """Parser of --config: jaxkd.config.load_config_file (one-line errors), then lock.
+
+  The loaded config gets every schema key (fill_defaults) before it is locked, so overrides
+  reach keys a config file left out (e.g. a model option after `model_kwargs = {...}`).
+  Whole-group overrides (--config.student.model_kwargs={}) are applied here, before the
+  key overrides, so `model_kwargs={}` resets every option and keys given after it still apply.
+  """
+
+  def __init__(self, groups: Sequence[tuple[str, dict]] = ()):
+    self.groups = list(groups)
+
+  def parse(self, path):
+    try:
+      config = schema.load_config_file(path)
+      for name, values in self.groups:
+        _set(config, name, schema.group(name, **values))
+    except ConfigError as e:
+      raise _LoadFailed(str(e)) from None
+    except (TypeError, ValueError) as e:  # a value of the wrong type inside the dict
+      raise _LoadFailed(f"--config.{name}: {e}") from None
+    config.lock()
+    return config
+
+  def flag_type(self):
+    return "config object"
+
+
+def _define_flags(prog: str, args: list[str], groups: Sequence[tuple[str, dict]] = ()):
+  fv = flags.FlagValues()
+  holders = {
+      "config": config_flags.DEFINE_config_file(
+          "config", None, "experiment config file, relative to the current directory "
+          "(configs/*.py); override its keys with --config.KEY=VALUE", flag_values=fv,
+          lock_config=True, sys_argv=[prog] + args),
+      "workdir": flags.DEFINE_string(
+          "workdir", None, "folder for checkpoints, metrics, stores' markers and the report",
+          flag_values=fv),
+      "print_config": flags.DEFINE_bool(
+          "print_config", False, "print the effective config (file + overrides), one key per line "
+          "with its unit and meaning, and exit without computing", flag_values=fv),
+      "distributed": flags.DEFINE_enum(
+          "distributed", "auto", ["auto", "yes", "no"], "call jax.distributed.initialize() "
+          "('auto': when the environment is multi-host)", flag_values=fv),
+      "progress": flags.DEFINE_bool("progress", True, "show progress bars", flag_values=fv),
+  }
+  fv["config"].parser = _ConfigFileParser(groups)
+  return fv, holders
+
+
+def _help(prog: str) -> str:
+  fv, _ = _define_flags(prog, [])
+  lines = [f"usage: {prog} --config=CONFIG.py --workdir=DIR [--config.KEY=VALUE ...]",
+           f"       {prog} --config=CONFIG.py --print_config [--config.KEY=VALUE ...]", "",
+           "Runs the stages of an experiment (teacher, teacher_logits, student, evaluate, report)",
+           "in --workdir, skipping finished ones; a killed run resumes from its last checkpoint.",
+           "Mistakes in the command line, the config or the data print one line and exit with",
+           "code 2; Ctrl-C exits with code 130.", "", "flags:"]
+  for name in ("config", "workdir", "print_config", "distributed", "progress"):
+    flag = fv[name]
+    shown = f"--[no]{name}" if flag.boolean else f"--{name}"
+    default = "" if flag.default is None else f" (default: {flag.default_as_str})"
+    lines.append(f"  {shown}: {flag.help}{default}")
+  return "\n".join(lines + ["", _OVERRIDES_HELP])
+
+
+def _split_overrides(args: list[str]):
+  """(args for absl, [(group, dict)] to apply at load, [(path, value)] to set after parsing).
+
+  Unknown keys raise ConfigError. Not left to ml_collections: a whole group given as a dict
+  (applied first, see _ConfigFileParser), `=None` for a key of the schema (its parsers would
+  read 'None' as a string or refuse it) and new entries of a free-form mapping
+  (report.reference.NAME=TEXT).
+  """
+  kept, groups, later = [], [], {}
+  for arg in args:
+    m = _OVERRIDE.match(arg)
+    if not m:
+      kept.append(arg)
+      continue
+    path, value = m.group(2), m.group(3)
+    if not schema.is_known(path):
+      raise ConfigError(schema.unknown_key_message(path))
+    if value is not None and schema.is_free_form(path):
+      later[path] = value  # free-form entry: the text as given
+    elif value is not None and schema.lookup(path) is None:  # a group
+      try:
+        values = ast.literal_eval(value)
+      except (SyntaxError, ValueError):
+        values = None
+      if not isinstance(values, dict):
+        raise ConfigError(f"--config.{path}={value}: {path} is a group of keys; give a dict such "
+                          f"as {{}} (all defaults) or set its keys, --config.{path}.KEY=VALUE")
+      groups.append((path, values))
+    elif value == "None" and schema.lookup(path) is not None:
+      later[path] = None
+    else:
+      later.pop(path, None)
+      kept.append(arg)
+  return kept, groups, list(later.items())
+
+
+def _set(config, path: str, value: Any) -> None:
+  node = config
+  *parents, leaf = path.split(".")
+  for part in parents:
+    node = node[part]
+  with node.unlocked():
+    node[leaf] = value
+
+
+def _value_error(message: str) -> str:
+  """absl's 'flag --config.a.b=v: <parser error>' as a sentence that names the key's type."""
+  m = re.match(r"flag --config\.([^=]+)=(.*?): ", message, re.DOTALL)
+  key = schema.lookup(m.group(1)) if m else None
+  if key is None:
+    return message.splitlines()[0]
+  return f"--config.{key.path}={m.group(2)}: {key.path} must be {key.expects} ({key.meaning})"
+
+
+def parse_args(argv: Sequence[str], prog: str = "jaxkd") -> tuple[Any, dict]:
+  """(config, options) from command-line arguments (without the program name).
+
+  config: the config file's ConfigDict with the --config.KEY=VALUE overrides applied and
+  every schema key present (None when --config is absent); options: workdir,
+  print_config, distributed, progress. Raises ConfigError or UsageError (one line each).
+  Checks only what parsing needs; `jaxkd.config.validate` checks the values.
+  """
+  args = list(argv)
+  has_config = any(re.match(r"^--?config(=|$)", a) for a in args)
+  if not has_config and any(_OVERRIDE.match(a) for a in args):
+    raise UsageError("--config.KEY overrides need --config=CONFIG.py first (e.g. "
+                     "--config=configs/food101_mini.py)")
+  args, groups, later = _split_overrides(args)
+  fv, holders = _define_flags(prog, args, groups)
+  try:
+    rest = fv([prog] + args)
+  except _LoadFailed as e:
+    raise ConfigError(str(e)) from None
+  except flags.IllegalFlagValueError as e:
+    text = str(e)
+    if text.startswith("flag --config."):
+      raise ConfigError(_value_error(text)) from None
+    raise UsageError(text.splitlines()[0]) from None
+  except flags.Error as e:
+    raise UsageError(str(e).splitlines()[0]) from None
+  except (KeyError, AttributeError) as e:  # config_flags: an override of a key the config lacks
+    raise ConfigError(f"unknown key: {' '.join(str(e).split())}") from None
+  if len(rest) > 1:
+    raise UsageError(f"unexpected arguments {' '.join(rest[1:])}; flags are --name=value")
+  config = holders["config"].value
+  if config is not None:
+    schema.fill_defaults(config)
+    for path, value in later:
+      _set(config, path, value)
+  return config, {k: h.value for k, h in holders.items() if k != "config"}
+
+
+def _multihost_environment() -> bool:
+  env = os.environ
+  if env.get("JAX_COORDINATOR_ADDRESS"):
+    return True
+  if int(env.get("SLURM_NTASKS", "1") or 1) > 1:
+    return True
+  hosts = env.get("TPU_WORKER_HOSTNAMES", "")
+  return "," in hosts
+
+
+def _is_data_error(e: BaseException) -> bool:
+  # jaxkd.data.DataError, wherever jaxkd.data defines it (and whether or not it exists yet).
+  return any(c.__name__ == "DataError" and c.__module__.startswith("jaxkd")
+             for c in type(e).__mro__)
+
+
+def _run(config, options: dict) -> None:
+  if not flags.FLAGS.is_parsed():  # absl logging reads its own flags; take their defaults
+    flags.FLAGS.mark_as_parsed()
+  logging.use_absl_handler()
+  logging.set_verbosity(logging.WARNING)  # TFDS logs every dataset it opens at INFO
+  import jax
+  mode = options["distributed"]
+  if mode == "yes" or (mode == "auto" and _multihost_environment()):
+    jax.distributed.initialize()
+  from jaxkd import experiment
+  experiment.run(config, options["workdir"], progress=options["progress"])
+
+
+def _print(text: str) -> None:
+  """Prints to stdout; a reader that stops early (`| head`) is not an error."""
+  try:
+    print(text, flush=True)
+  except BrokenPipeError:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _fail(kind: str, message: Any, code: int = 2) -> None:
+  print(f"{kind}: {message}", file=sys.stderr, flush=True)
+  raise SystemExit(code)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  """Runs the command line `argv` (the arguments after the program name; default sys.argv[1:]).
+
+  Exits with SystemExit(2) after one line on stderr for a usage, config or data error,
+  SystemExit(130) on Ctrl-C; returns normally on success.
+  """
+  prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "jaxkd"
+  args = list(sys.argv[1:] if argv is None else argv)
+  if any(a in _HELP_FLAGS for a in args):
+    _print(_help(prog))
+    return
+  config_errors: tuple = (ConfigError,)
+  try:
+    config, options = parse_args(args, prog)
+    if options["print_config"]:
+      config = config if config is not None else schema.base_config()
+      _print(schema.describe(config))
+      schema.check_values(config)
+      return
+    if config is None:
+      raise UsageError("--config is required, e.g. --config=configs/food101_mini.py (see --help)")
+    schema.check_values(config)
+    if not options["workdir"]:
+      raise UsageError("--workdir is required: the folder for checkpoints, metrics and the report "
+                       "(--print_config shows the config without running)")
+    from jaxkd import experiment
+    config_errors = (ConfigError, getattr(experiment, "ConfigError", ConfigError))
+    _run(config, options)
+  except UsageError as e:
+    _fail("usage error", e)
+  except KeyboardInterrupt:
+    _fail("interrupted", "stopped by Ctrl-C; rerun the same command to resume from the last "
+          "checkpoint", code=130)
+  except Exception as e:  # noqa: BLE001  (only the pipeline's own error types; the rest re-raised)
+    if isinstance(e, config_errors):
+      _fail("config error", e)
+    if _is_data_error(e):
+      _fail("data error", e)
+    if type(e).__name__ == "TeacherStoreError":
+      _fail("store error", e)
+    if type(e).__name__ == "StopRequested":
+      # SIGINT / SIGTERM: the stage saved its work at a safe point. Ctrl-C exits 130 (the shell's
+      # convention); SIGTERM (a scheduler's preemption) exits 0 so the job counts as stopped cleanly.
+      code = 130 if getattr(e, "signum", None) == signal.SIGINT else 0
+      _fail("stopped", f"{e}. Rerun the same command to resume.", code=code)
+    raise
+
+
+def console_main() -> None:
+  """Entry point of the `jaxkd` console script (same flags as main.py)."""
+  main()
+
+
+if __name__ == "__main__":
+  main()
