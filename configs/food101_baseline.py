@@ -6,7 +6,7 @@ food101_eca = schema.sibling(__file__, "food101_eca")
 
 def get_config():
   c = food101_eca.get_config()
-  c.name = "Food-101: MobileNetV3-Large baseline, CE only (seed 000)"
+  c.name = "Food-101: MobileNetV3-Large baseline, CE only"
   c.teacher.enabled = False
   c.student.model = "mobilenet_v3_large"
   c.student.teacher = "none"

@@ -12,7 +12,7 @@ from jaxkd import config as schema
 
 def get_config():
   c = schema.base_config()
-  c.name = "food-101-mini: ResNet-18 -> MobileNetV3-Small + ECA, KD (small-scale seed 000)"
+  c.name = "food-101-mini: ResNet-18 -> MobileNetV3-Small + ECA, KD (the Food-101 recipe, small)"
   c.dtype = "auto"
   c.data.name = "food101_local"
   c.data.manual_dir = "../shared/data/food-101-mini"

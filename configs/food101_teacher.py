@@ -10,6 +10,6 @@ food101_eca = schema.sibling(__file__, "food101_eca")
 
 def get_config():
   c = food101_eca.get_config()
-  c.name = "Food-101: ResNet-50 teacher (seed 000)"
+  c.name = "Food-101: ResNet-50 teacher"
   c.student.enabled = False
   return c

@@ -13,14 +13,22 @@ Conventions shared by every loss here:
   over the global batch. Inside `shard_map`/`pmap`, `perception_reconstruct`
   takes an `axis_name` to reduce its batch statistics across devices.
 
-References: Hinton et al. 2015 (KD); Zhao et al., CVPR 2022 (DKD); Zhu & Zhu,
-Computer Systems & Applications 2025, 34(2) (perception reconstruction, seed
-004); Sun et al., CVPR 2024 (logit standardization); Zagoruyko & Komodakis,
+- KD, TCKD and NCKD have analytic gradients (custom JVPs) computed from each
+  side's own softmax: float32 precision relative to the largest gradient entry
+  for logits of any magnitude and per-row offsets; see the comment above
+  `_two_sum`.
+
+References: Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural
+Network", NIPS Deep Learning Workshop 2015 (KD); Zhao et al., "Decoupled
+Knowledge Distillation", CVPR 2022 (DKD); Zhu & Zhu, Computer Systems &
+Applications 2025, 34(2) (perception reconstruction); Sun et al., "Logit
+Standardization in Knowledge Distillation", CVPR 2024; Zagoruyko & Komodakis,
 ICLR 2017 (attention transfer); Romero et al., ICLR 2015 (FitNets); Gretton et
-al., JMLR 2012 (MMD). See ../shared/REFERENCE.md sections 4 and 5.
+al., JMLR 2012 (MMD).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import jax
@@ -143,49 +151,234 @@ def _kl_from_log_ratio(log_p: Array, log_ratio: Array, mask: Optional[Array] = N
   return m + log_mean
 
 
-def _kd_per_example(student_logits: Array, teacher_logits: Array, temperature) -> Array:
-  """T^2 * KL(softmax(t/T) || softmax(s/T)) per example, [batch]."""
-  t = jnp.asarray(temperature, jnp.float32)
-  zs = _f32(student_logits) / t
-  zt = _f32(teacher_logits) / t
+# ---------------------------------------------------------------- KD / DKD gradients
+#
+# The values above derive the student's distribution from the teacher's (through
+# d = z_t / T - z_s / T), which is what makes them cancellation-free; but float32
+# rounding of d (relative to |z|, not to d) would become gradient error if the
+# gradients were taken by differentiating those formulas. So KD, TCKD and NCKD carry
+# custom JVPs with the analytic gradients, computed as follows:
+#
+# - Softmaxes are taken of (z - max z) / T: the shift is exact for nearby values,
+#   so a large per-row offset or |z| ~ 1e4 costs no precision, and dividing by a
+#   T that is not a power of 2 rounds only the (small) shifted logits.
+# - Where student and teacher probabilities differ by more than a factor e, the
+#   difference p_s - p_t is taken from the two softmaxes directly (no
+#   cancellation). Where they are close, it is p_t * expm1(-r), r = log p_t -
+#   log p_s obtained from delta = (d - d_ref) / T with d = z_t - z_s summed
+#   error-free (`_two_sum`), so r keeps relative precision even when z_t and z_s
+#   carry different offsets of 1e4.
+# - The temperature derivative follows from homogeneity: l(a z_s, a z_t, a T) =
+#   a^2 l, so T dl/dT = 2 l - <z_s, dl/dz_s> - <z_t, dl/dz_t> (row-centred z).
+
+
+def _is_zero(tangent) -> bool:
+  return isinstance(tangent, jax.custom_derivatives.SymbolicZero)
+
+
+def _two_sum(a: Array, b: Array) -> tuple[Array, Array]:
+  """(s, e) with s = fl(a + b) and a + b = s + e exactly (Knuth's TwoSum).
+
+  The optimization barriers keep XLA's algebraic simplifier from rewriting
+  (a + b) - a into b, which it does when a is a compile-time constant (a teacher
+  array closed over by a jitted function), and which would cancel e to 0.
+  """
+  s = jax.lax.optimization_barrier(a + b)
+  b_virtual = jax.lax.optimization_barrier(s - a)
+  return s, (a - (s - b_virtual)) + (b - b_virtual)
+
+
+def _log_softmax_t(z: Array, t: Array, mask: Optional[Array] = None) -> Array:
+  """log softmax(z / T) over the last axis, the row max subtracted before dividing by T.
+
+  `mask` marks excluded classes (-inf, probability 0).
+  """
+  if mask is not None:
+    z = jnp.where(mask, -jnp.inf, z)
+  a = (z - jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))) / t
+  return a - jax.nn.logsumexp(a, axis=-1, keepdims=True)
+
+
+def _relative_log_ratio(zs: Array, zt: Array, t: Array, ref: Array) -> Array:
+  """delta_c = (d_c - d_ref) / T, d = z_t - z_s, with one rounding before the division.
+
+  (z_t,c - z_t,ref) - (z_s,c - z_s,ref) is summed with error-free transformations,
+  so its error is relative to delta, not to |z| or to the offsets of z_t and z_s.
+  `ref` is a class index per row, [..., 1].
+  """
+  s1, e1 = _two_sum(zt, -jnp.take_along_axis(zt, ref, axis=-1))
+  s2, e2 = _two_sum(zs, -jnp.take_along_axis(zs, ref, axis=-1))
+  s3, e3 = _two_sum(s1, -s2)
+  return (s3 + (e3 + (e1 - e2))) / t
+
+
+def _log_ratio_gap(log_pt: Array, log_ps: Array, delta: Array, mask: Optional[Array] = None):
+  """(L, ok) with log p_t - log p_s = delta + L, i.e. L = log E_pt[exp(-delta)].
+
+  delta must be 0 at a class the teacher supports (its argmax), so that delta is
+  small wherever the two distributions are close. Classes where they are not
+  (|delta| > 8, or p_t < exp(-60), which may underflow) enter through their
+  probabilities: p_t exp(-delta) = p_s exp(L) there, hence
+
+    L = log1p(sum_near p_t expm1(-delta) - P_t,far) - log1p(-P_s,far),
+
+  each sum over classes without cancellation between large terms, so L has full
+  relative precision even when it is tiny. `ok` is False where P_s,far > 1/2
+  (distributions far apart); L is then logsumexp(log p_t - delta), precise to
+  float32 rounding of its (large) terms.
+  """
+  if mask is not None:
+    log_pt = jnp.where(mask, -jnp.inf, log_pt)
+    delta = jnp.where(mask, 0.0, delta)
+  pt, ps = jnp.exp(log_pt), jnp.exp(log_ps)
+  far = (jnp.abs(delta) > 8.0) | (log_pt < -60.0)
+  if mask is not None:
+    far = far & ~mask
+  near = jnp.sum(jnp.where(far, 0.0, pt * jnp.expm1(-jnp.where(far, 0.0, delta))), axis=-1)
+  pt_far = jnp.sum(jnp.where(far, pt, 0.0), axis=-1)
+  ps_far = jnp.sum(jnp.where(far, ps, 0.0), axis=-1)
+  ok = ps_far <= 0.5
+  gap = jnp.log1p(near - pt_far) - jnp.log1p(-jnp.minimum(ps_far, 0.5))
+  return jnp.where(ok, gap, jax.nn.logsumexp(log_pt - delta, axis=-1)), ok
+
+
+def _softmax_grads(zs: Array, zt: Array, t: Array, mask: Optional[Array] = None):
+  """Per-row gradients of T^2 KL(softmax(z_t/T) || softmax(z_s/T)) over the unmasked classes.
+
+  Returns (d/dz_s, d/dz_t, delta, (L, ok)), the gradients [batch, C], 0 on masked
+  classes, and the log-ratio parts (`_log_ratio_gap`) for `_binary_grads`:
+
+    d/dz_s = T (p_s - p_t),    d/dz_t = T p_t (r - E_pt[r]) = T p_t (delta - E_pt[delta]),
+
+  r = log p_t - log p_s = delta + L, delta = (d - d_ref) / T, d = z_t - z_s, ref the
+  teacher's most likely (unmasked) class. p_s - p_t is p_t expm1(-r) where |r| <= 1
+  and r is accurate (no cancellation), else the difference of the two softmaxes.
+  """
+  log_ps = _log_softmax_t(zs, t, mask)
+  log_pt = _log_softmax_t(zt, t, mask)
+  ps, pt = jnp.exp(log_ps), jnp.exp(log_pt)
+  ref = jnp.argmax(log_pt, axis=-1)[..., None]
+  delta = _relative_log_ratio(zs, zt, t, ref)
+  gap, ok = _log_ratio_gap(log_pt, log_ps, delta, mask)
+  r = delta + gap[..., None]
+  close = (jnp.abs(r) <= 1.0) & (jnp.abs(delta) <= 16.0) & ok[..., None]
+  diff = jnp.where(close, pt * jnp.expm1(-jnp.where(close, r, 0.0)), ps - pt)
+  masked_delta = delta if mask is None else jnp.where(mask, 0.0, delta)
+  g_t = pt * (masked_delta - jnp.sum(pt * masked_delta, axis=-1, keepdims=True))
+  if mask is not None:
+    diff = jnp.where(mask, 0.0, diff)
+    g_t = jnp.where(mask, 0.0, g_t)
+  return t * diff, t * g_t, delta, (gap, ok)
+
+
+def _binary_grads(zs: Array, zt: Array, t: Array, target: Array, delta_hat: Array, gap_hat):
+  """Per-row gradients of TCKD = T^2 KL(b_t || b_s), b = [p_y, 1 - p_y] (Zhao et al. 2022).
+
+  With P = p_t,y, Q = 1 - P, p_hat the non-target softmax and
+  Lam = logit(p_t,y) - logit(p_s,y):
+
+    d/dz_s = T (p_s,y - p_t,y) (e_y - p_hat_s),   d/dz_t = T P Q Lam (e_y - p_hat_t).
+
+  Lam = delta_hat_y + L_hat from the non-target log-ratio (`_softmax_grads` with the
+  target masked: delta_hat relative to the teacher's top non-target class), precise
+  when student and teacher are close; otherwise the difference of the two log-odds.
+  p_s,y - p_t,y = -P Q expm1(Lam) / (P + Q exp(Lam)) when |Lam| <= 1 (no
+  cancellation), else the difference of p_y (or of 1 - p_y when both are above 1/2).
+  """
+  log_ps = _log_softmax_t(zs, t)
+  log_pt = _log_softmax_t(zt, t)
+
+  def split(log_p):
+    log_py = jnp.sum(jnp.where(target, log_p, 0.0), axis=-1)
+    log_q = jax.nn.logsumexp(jnp.where(target, -jnp.inf, log_p), axis=-1)
+    return log_py, log_q
+
+  log_ps_y, log_qs = split(log_ps)
+  log_pt_y, log_qt = split(log_pt)
+  ps_y, qs, pt_y, qt = jnp.exp(log_ps_y), jnp.exp(log_qs), jnp.exp(log_pt_y), jnp.exp(log_qt)
+  direct = jnp.where(ps_y + pt_y <= 1.0, ps_y - pt_y, qt - qs)
+
+  gap, ok = gap_hat
+  delta_y = jnp.sum(jnp.where(target, delta_hat, 0.0), axis=-1)
+  precise = ok & (jnp.abs(delta_y) <= 16.0) & (jnp.abs(gap) <= 16.0)
+  lam = jnp.where(precise, gap + delta_y, (log_pt_y - log_qt) - (log_ps_y - log_qs))
+  small = jnp.abs(lam) <= 1.0
+  neg = jnp.where(small, jnp.minimum(lam, 0.0), 0.0)
+  pos = jnp.where(small, jnp.maximum(lam, 0.0), 0.0)
+  pq = pt_y * qt
+  ratio = jnp.where(lam <= 0.0,
+                    -pq * jnp.expm1(neg) / (pt_y + qt * jnp.exp(neg)),
+                    pq * jnp.expm1(-pos) / (pt_y * jnp.exp(-pos) + qt))
+  diff = jnp.where(small, ratio, direct)
+
+  e_y = target.astype(jnp.float32)
+  ps_hat = jnp.exp(_log_softmax_t(zs, t, target))
+  pt_hat = jnp.exp(_log_softmax_t(zt, t, target))
+  g_s = (t * diff)[..., None] * (e_y - ps_hat)
+  g_t = (t * pq * lam)[..., None] * (e_y - pt_hat)
+  return g_s, g_t
+
+
+def _tangent(value, zs, zt, t, g_s, g_t, dzs, dzt, dt):
+  """sum_c g_s dz_s + g_t dz_t + dl/dT dT per row; dl/dT from homogeneity of degree 2."""
+  out = jnp.zeros_like(value)
+  if not _is_zero(dzs):
+    out = out + jnp.sum(g_s * dzs, axis=-1)
+  if not _is_zero(dzt):
+    out = out + jnp.sum(g_t * dzt, axis=-1)
+  if not _is_zero(dt):
+    centred_s = zs - jax.lax.stop_gradient(jnp.max(zs, axis=-1, keepdims=True))
+    centred_t = zt - jax.lax.stop_gradient(jnp.max(zt, axis=-1, keepdims=True))
+    euler = jnp.sum(centred_s * g_s, axis=-1) + jnp.sum(centred_t * g_t, axis=-1)
+    out = out + (2.0 * value - euler) / t * dt
+  return out
+
+
+@jax.custom_jvp
+def _kd_per_example(zs: Array, zt: Array, t: Array) -> Array:
+  """T^2 * KL(softmax(z_t/T) || softmax(z_s/T)) per example, [batch] (float32 inputs)."""
+  zs = zs / t
+  zt = zt / t
   return _kl_from_log_ratio(jax.nn.log_softmax(zt, axis=-1), zt - zs) * t * t
+
+
+@functools.partial(_kd_per_example.defjvp, symbolic_zeros=True)
+def _kd_per_example_jvp(primals, tangents):
+  zs, zt, t = primals
+  dzs, dzt, dt = tangents
+  value = _kd_per_example(zs, zt, t)
+  g_s, g_t, _, _ = _softmax_grads(zs, zt, t)
+  return value, _tangent(value, zs, zt, t, g_s, g_t, dzs, dzt, dt)
 
 
 def kd_loss(student_logits: Array, teacher_logits: Array, *, temperature,
             weights: Optional[Array] = None) -> Array:
-  """Hinton knowledge-distillation loss (Hinton, Vinyals & Dean 2015).
+  """Hinton knowledge-distillation loss (Hinton, Vinyals & Dean, "Distilling the Knowledge
+  in a Neural Network", NIPS Deep Learning Workshop 2015).
 
   KD = T^2 * KL(p_t || p_s) = T^2 * sum_c p_t,c (log p_t,c - log p_s,c),
   p = softmax(z / T); weighted mean over the batch. The T^2 factor keeps the
   gradient scale independent of T. `temperature` may be a traced scalar (a
   schedule's value).
-  """
-  _check_pair(student_logits, teacher_logits)
-  return weighted_mean(_kd_per_example(student_logits, teacher_logits, temperature), weights)
 
-
-def tckd_nckd(student_logits: Array, teacher_logits: Array, labels: Array, *,
-              temperature=4.0) -> tuple[Array, Array]:
-  """The two terms of decoupled KD (Zhao et al., CVPR 2022), per example, each times T^2.
-
-  With p = softmax(z / T), b = [p_y, 1 - p_y] and p_hat the softmax over the
-  non-target classes only:
-
-    TCKD = T^2 * KL(b_t || b_s),     NCKD = T^2 * KL(p_hat_t || p_hat_s),
-
-  so that, per example, KD = TCKD + (1 - p_t[y]) * NCKD exactly.
-  The target class is masked out with -inf (not by subtracting 1000 as
-  mdistiller does, which fails for logits of large magnitude), and both KL
-  terms are computed from log-ratios without first-order cancellation, so
-  small per-example values keep full float32 relative precision.
-
-  Returns (tckd, nckd), each float32 [batch].
+  Gradients (custom JVP, analytic): per example, d KD / d z_s = T (p_s - p_t) and
+  d KD / d z_t = T p_t (r - E_pt[r]), r = log p_t - log p_s, each times
+  w_i / sum(w) in the weighted mean (0 for padding rows); d KD / d T as well. They
+  are computed from each side's own softmax, so they keep float32 precision
+  relative to the largest entry of each row's gradient for logits of any
+  magnitude and any per-row offset (see the comment above `_two_sum`).
   """
   _check_pair(student_logits, teacher_logits)
   t = jnp.asarray(temperature, jnp.float32)
-  zs = _f32(student_logits) / t
-  zt = _f32(teacher_logits) / t
-  target = jax.nn.one_hot(labels, zs.shape[-1], dtype=jnp.bool_)
+  per_example = _kd_per_example(_f32(student_logits), _f32(teacher_logits), t)
+  return weighted_mean(per_example, weights)
+
+
+@jax.custom_jvp
+def _tckd_nckd_per_example(zs: Array, zt: Array, target: Array, t: Array):
+  """(TCKD, NCKD) per example, each times T^2, [batch] (float32 logits, bool target mask)."""
+  zs = zs / t
+  zt = zt / t
   d = zt - zs
 
   def lse_gap(log_p, mask):
@@ -207,18 +400,62 @@ def tckd_nckd(student_logits: Array, teacher_logits: Array, labels: Array, *,
   gap_rest = lse_gap(log_pt_hat, target)  # needs a normalised distribution: p_hat
   log_bt = jnp.stack([jnp.sum(jnp.where(target, log_pt, 0.0), axis=-1),
                       jax.nn.logsumexp(jnp.where(target, -jnp.inf, log_pt), axis=-1)], axis=-1)
-  d_b = jnp.stack([jnp.sum(jnp.where(target, d, 0.0), axis=-1) + gap_all, gap_all - gap_rest], axis=-1)
+  d_b = jnp.stack([jnp.sum(jnp.where(target, d, 0.0), axis=-1) + gap_all, gap_all - gap_rest],
+                  axis=-1)
   tckd = _kl_from_log_ratio(log_bt, d_b)
   return tckd * t * t, nckd * t * t
 
 
+@functools.partial(_tckd_nckd_per_example.defjvp, symbolic_zeros=True)
+def _tckd_nckd_per_example_jvp(primals, tangents):
+  zs, zt, target, t = primals
+  dzs, dzt, _, dt = tangents
+  tckd, nckd = _tckd_nckd_per_example(zs, zt, target, t)
+  gs_n, gt_n, delta_hat, gap_hat = _softmax_grads(zs, zt, t, target)
+  gs_t, gt_t = _binary_grads(zs, zt, t, target, delta_hat, gap_hat)
+  return (tckd, nckd), (_tangent(tckd, zs, zt, t, gs_t, gt_t, dzs, dzt, dt),
+                        _tangent(nckd, zs, zt, t, gs_n, gt_n, dzs, dzt, dt))
+
+
+def tckd_nckd(student_logits: Array, teacher_logits: Array, labels: Array, *,
+              temperature=4.0) -> tuple[Array, Array]:
+  """The two terms of decoupled KD (Zhao et al., "Decoupled Knowledge Distillation",
+  CVPR 2022), per example, each times T^2.
+
+  With p = softmax(z / T), b = [p_y, 1 - p_y] and p_hat the softmax over the
+  non-target classes only:
+
+    TCKD = T^2 * KL(b_t || b_s),     NCKD = T^2 * KL(p_hat_t || p_hat_s),
+
+  so that, per example, KD = TCKD + (1 - p_t[y]) * NCKD exactly.
+  The target class is masked out with -inf (not by subtracting 1000 as
+  mdistiller does, which fails for logits of large magnitude), and both KL
+  terms are computed from log-ratios without first-order cancellation, so
+  small per-example values keep full float32 relative precision.
+
+  Gradients (custom JVP, analytic, each side from its own softmax):
+  d TCKD / d z_s = T (p_s,y - p_t,y) (e_y - p_hat_s), d NCKD / d z_s = T (p_hat_s -
+  p_hat_t) (0 at y); with respect to z_t and T as well (see `_binary_grads`,
+  `_softmax_grads`). Float32 precision relative to the largest gradient entry for
+  logits of any magnitude and any per-row offset.
+
+  Returns (tckd, nckd), each float32 [batch].
+  """
+  _check_pair(student_logits, teacher_logits)
+  t = jnp.asarray(temperature, jnp.float32)
+  zs = _f32(student_logits)
+  target = jax.nn.one_hot(labels, zs.shape[-1], dtype=jnp.bool_)
+  return _tckd_nckd_per_example(zs, _f32(teacher_logits), target, t)
+
+
 def dkd_loss(student_logits: Array, teacher_logits: Array, labels: Array, *, alpha=1.0,
              beta=8.0, temperature=4.0, weights: Optional[Array] = None) -> Array:
-  """Decoupled knowledge distillation (Zhao et al., CVPR 2022).
+  """Decoupled knowledge distillation (Zhao et al., "Decoupled Knowledge Distillation",
+  CVPR 2022).
 
-  DKD = alpha * TCKD + beta * NCKD, each times T^2 (see `tckd_nckd`), weighted
-  mean over the batch. mdistiller defaults: alpha 1, beta 8, T 4; the linear
-  warm-up of this term is a schedule (`jaxkd.schedules.dkd_warmup`).
+  DKD = alpha * TCKD + beta * NCKD, each times T^2 (see `tckd_nckd`, also for the
+  gradients), weighted mean over the batch. mdistiller defaults: alpha 1, beta 8,
+  T 4; the linear warm-up of this term is a schedule (`jaxkd.schedules.dkd_warmup`).
   """
   tckd, nckd = tckd_nckd(student_logits, teacher_logits, labels, temperature=temperature)
   return weighted_mean(alpha * tckd + beta * nckd, weights)
@@ -226,7 +463,8 @@ def dkd_loss(student_logits: Array, teacher_logits: Array, labels: Array, *, alp
 
 def perception_reconstruct(logits: Array, *, eps: float = 1e-6, axis_name: Optional[str] = None,
                            weights: Optional[Array] = None) -> Array:
-  """Perception reconstruction (seed 004, eq. 5): per-class standardisation over the batch.
+  """Perception reconstruction (Zhu & Zhu, Computer Systems & Applications 2025, eq. 5):
+  per-class standardisation over the batch.
 
     h_ij = (z_ij - U_j) / sqrt(V_j + eps),
 
@@ -267,17 +505,25 @@ def perception_reconstruct(logits: Array, *, eps: float = 1e-6, axis_name: Optio
 
 
 def logit_standardize(logits: Array, *, eps: float = 1e-7) -> Array:
-  """Logit standardisation (Sun et al., CVPR 2024): per-sample z-score over classes.
+  """Logit standardisation (Sun et al., "Logit Standardization in Knowledge Distillation",
+  CVPR 2024): per-sample z-score over classes.
 
     z' = (z - mean_c z) / (std_c z + eps),
 
   std the sample standard deviation over classes with Bessel's correction
   (divides by C - 1), as torch.std in the authors' code. Used with KD at base
   temperature 2 and KD weight 9.
+
+  Gradient: plain autodiff, except that for a constant row (std 0, where the
+  derivative of sqrt is infinite and torch.std's backward gives NaN) the std
+  term contributes nothing, its limit: d z' = (dz - mean_c dz) / eps there,
+  finite (but as large as 1 / eps).
   """
   z = _f32(logits)
   mean = jnp.mean(z, axis=-1, keepdims=True)
-  std = jnp.std(z, axis=-1, keepdims=True, ddof=1)
+  var = jnp.var(z, axis=-1, keepdims=True, ddof=1)
+  positive = var > 0
+  std = jnp.where(positive, jnp.sqrt(jnp.where(positive, var, 1.0)), 0.0)
   return (z - mean) / (std + eps)
 
 

@@ -1,5 +1,7 @@
 """jaxkd.losses against independent float64 NumPy references written from the formulas
-(REFERENCE.md sections 4 and 5), plus the identities and edge cases the papers imply."""
+(Hinton et al. 2015; Zhao et al., CVPR 2022; Sun et al., CVPR 2024; the feature losses'
+papers), plus the identities and edge cases the papers imply, and the gradients of the
+logit losses against float64 closed forms."""
 import functools
 
 import jax
@@ -321,3 +323,306 @@ def test_perception_reconstruct_across_8_devices_equals_single_device():
   np.testing.assert_allclose(sharded("data"), single, rtol=1e-5, atol=1e-5)
   # Without the cross-device reduction each device standardises its own 8 rows: clearly different.
   assert np.max(np.abs(sharded(None) - single)) > 0.1
+
+
+# ---------------------------------------------------------------- gradients vs float64 references
+#
+# Closed-form gradients in float64 NumPy, written from the definitions (p = softmax(z / T)):
+#   KD:   d/dz_s = T (p_s - p_t),  d/dz_t = T p_t,j sum_c p_t,c (d_j - d_c), d = (z_t - z_s) / T;
+#   NCKD: the same over the non-target classes (p_hat), 0 at the target;
+#   TCKD: d/dz_s = T (p_s,y - p_t,y) (e_y - p_hat_s),
+#         d/dz_t = T p_t,y (1 - p_t,y) (logit p_t,y - logit p_s,y) (e_y - p_hat_t);
+# each per example, times w_i / sum(w) in a weighted mean. In a difference p_s - p_t the
+# entry of the class with the most mass is taken as minus the sum of the others (the
+# entries sum to 0), so float64 does not cancel where both are ~1. The references are
+# themselves checked against float64 central differences of the reference losses.
+#
+# Error norms: "row" = max_j |g_ij - ref_ij| / max(max_j |ref_ij|, 1e-30) over rows i
+# (the floor: a row whose gradient is below 1e-30 everywhere is beyond float32's normal
+# range and is compared absolutely); "batch" = max |g - ref| / max(max |ref|, 1e-30).
+
+GRAD_RTOL = 1e-5
+CLASSES = 100
+
+
+def np_diff_sum_to_zero(ps, pt):
+  """ps - pt per row, the entry of the class with the most mass from sum_j (ps - pt)_j = 0."""
+  diff = np.asarray(ps, np.float64) - pt
+  k = np.argmax(ps + pt, axis=-1)
+  rows = np.arange(diff.shape[0])
+  others = diff.copy()
+  others[rows, k] = 0.0
+  diff[rows, k] = -others.sum(-1)
+  return diff
+
+
+def ref_kd_grads(zs, zt, T, w=None):
+  """(d/dz_s, d/dz_t) of the weighted-mean KD loss, float64."""
+  zs = np.asarray(zs, np.float64)
+  zt = np.asarray(zt, np.float64)
+  w = np.ones(zs.shape[0]) if w is None else np.asarray(w, np.float64)
+  scale = (w / w.sum())[:, None]
+  ps, pt = np_softmax(zs / T), np_softmax(zt / T)
+  d = (zt - zs) / T
+  g_t = T * pt * np.sum(pt[:, None, :] * (d[:, :, None] - d[:, None, :]), axis=-1)
+  return T * np_diff_sum_to_zero(ps, pt) * scale, g_t * scale
+
+
+def ref_dkd_grads(zs, zt, y, T):
+  """Per-example gradients of TCKD and NCKD (each times T^2): dict of [B, C] float64 arrays."""
+  zs = np.asarray(zs, np.float64)
+  zt = np.asarray(zt, np.float64)
+  B, C = zs.shape
+  out = {k: np.zeros((B, C)) for k in ("tckd_s", "tckd_t", "nckd_s", "nckd_t")}
+  for i in range(B):
+    keep = np.arange(C) != y[i]
+    e_y = (~keep).astype(np.float64)
+
+    def parts(z):
+      a = z / T
+      log_p = np_log_softmax(a)
+      log_q = np.log(np.sum(np.exp(log_p[keep] - log_p[keep].max()))) + log_p[keep].max()
+      p_hat = np.zeros(C)
+      p_hat[keep] = np_softmax(a[keep])
+      return np.exp(log_p[y[i]]), np.exp(log_q), p_hat, log_p[y[i]] - log_q
+
+    py_s, q_s, ph_s, logit_s = parts(zs[i])
+    py_t, q_t, ph_t, logit_t = parts(zt[i])
+    # p_s,y - p_t,y = q_t - q_s: take the form whose terms are smaller.
+    delta = py_s - py_t if py_s + py_t <= 1 else q_t - q_s
+    out["tckd_s"][i] = T * delta * (e_y - ph_s)
+    out["tckd_t"][i] = T * py_t * q_t * (logit_t - logit_s) * (e_y - ph_t)
+    out["nckd_s"][i, keep] = T * np_diff_sum_to_zero(ph_s[None, keep], ph_t[None, keep])[0]
+    d = (zt[i, keep] - zs[i, keep]) / T
+    p = ph_t[keep]
+    out["nckd_t"][i, keep] = T * p * np.sum(p[None, :] * (d[:, None] - d[None, :]), axis=-1)
+  return out
+
+
+def ref_standardize(z, eps=1e-7):
+  z = np.asarray(z, np.float64)
+  c = z - z.mean(-1, keepdims=True)
+  s = np.sqrt(np.sum(c * c, -1, keepdims=True) / (z.shape[-1] - 1))
+  return c / (s + eps), c, s
+
+
+def ref_standardize_vjp(z, g, eps=1e-7):
+  """g^T d standardize(z) / dz, float64 closed form (Bessel-corrected std, as torch.std)."""
+  _, c, s = ref_standardize(z, eps)
+  a = 1.0 / (s + eps)
+  g_c = a * g - a * a * np.sum(c * g, -1, keepdims=True) * c / ((z.shape[-1] - 1) * s)
+  return g_c - g_c.mean(-1, keepdims=True)
+
+
+def grad_error(actual, expected, norm):
+  err = np.abs(np.asarray(actual, np.float64) - expected)
+  if norm == "row":
+    return float(np.max(err.max(-1) / np.maximum(np.abs(expected).max(-1), 1e-30)))
+  return float(err.max() / max(np.abs(expected).max(), 1e-30))
+
+
+GRAD_CASES = ["scale 1e2", "scale 1e3", "scale 1e4", "offset 1e3", "offset 1e4",
+              "separate offsets 1e4", "near"]
+
+
+def grad_case(name, seed=0, batch=16, classes=CLASSES):
+  """Logits of large magnitude, with per-row offsets (shared by student and teacher, or
+  separate), or a student within 1e-3 of its teacher."""
+  rng = np.random.default_rng(seed)
+  normal = lambda: rng.normal(size=(batch, classes))
+  offset = lambda size: rng.uniform(-1, 1, size=(batch, 1)) * size
+  if name.startswith("scale"):
+    scale = float(name.split()[1])
+    zs, zt = normal() * scale, normal() * scale
+  elif name.startswith("offset"):
+    o = offset(float(name.split()[1]))
+    zs, zt = normal() * 3 + o, normal() * 3 + o
+  elif name.startswith("separate offsets"):
+    size = float(name.split()[2])
+    zs, zt = normal() * 3 + offset(size), normal() * 3 + offset(size)
+  else:
+    zt = normal() * 3
+    zs = zt + normal() * 1e-3
+  y = rng.integers(0, classes, size=batch).astype(np.int32)
+  return zs.astype(np.float32), zt.astype(np.float32), y
+
+
+@pytest.mark.parametrize("T", [1.0, 4.0])
+def test_reference_gradients_match_finite_differences(T):
+  """The closed forms above against float64 central differences of the reference losses."""
+  zs, zt, y = random_logits(40, batch=3, classes=6)
+  zs, zt = zs.astype(np.float64), zt.astype(np.float64)
+  h = 1e-6
+
+  def numeric(fn, z):
+    g = np.zeros_like(z)
+    for idx in np.ndindex(*z.shape):
+      e = np.zeros_like(z)
+      e[idx] = h
+      g[idx] = (fn(z + e) - fn(z - e)) / (2 * h)
+    return g
+
+  w = np.array([1.0, 0.0, 2.0])
+  g_s, g_t = ref_kd_grads(zs, zt, T, w)
+  kd = lambda s, t: np.sum(w * ref_kd_per_example(s, t, T)) / w.sum()
+  np.testing.assert_allclose(numeric(lambda s: kd(s, zt), zs), g_s, atol=1e-7)
+  np.testing.assert_allclose(numeric(lambda t: kd(zs, t), zt), g_t, atol=1e-7)
+  ref = ref_dkd_grads(zs, zt, y, T)
+  for k, part in (("tckd", 0), ("nckd", 1)):
+    value = lambda s, t: np.sum(ref_tckd_nckd(s, t, y, T)[part])
+    np.testing.assert_allclose(numeric(lambda s: value(s, zt), zs), ref[k + "_s"], atol=1e-7)
+    np.testing.assert_allclose(numeric(lambda t: value(zs, t), zt), ref[k + "_t"], atol=1e-7)
+  # Logit standardisation composed with KD.
+  ls_kd = lambda s: ref_kd_per_example(ref_standardize(s)[0], ref_standardize(zt)[0], T).mean()
+  g_std, _ = ref_kd_grads(ref_standardize(zs)[0], ref_standardize(zt)[0], T)
+  np.testing.assert_allclose(numeric(ls_kd, zs), ref_standardize_vjp(zs, g_std), atol=1e-7)
+
+
+@pytest.mark.parametrize("T", [1.0, 4.0])
+@pytest.mark.parametrize("case", GRAD_CASES)
+def test_kd_gradients_match_float64(case, T):
+  """d KD / d z_s within 1e-5 of float64 relative to each row's largest entry (d / d z_t:
+  relative to the batch's largest), with a padding row of weight 0."""
+  zs, zt, _ = grad_case(case)
+  w = np.ones(zs.shape[0], np.float32)
+  w[3] = 0.0
+  g_s, g_t = jax.grad(lambda s, t: losses.kd_loss(s, t, temperature=T, weights=w),
+                      argnums=(0, 1))(zs, zt)
+  ref_s, ref_t = ref_kd_grads(zs, zt, T, w)
+  assert grad_error(g_s, ref_s, "row") < GRAD_RTOL
+  assert grad_error(g_t, ref_t, "batch") < GRAD_RTOL
+  assert not np.any(np.asarray(g_s)[3]) and not np.any(np.asarray(g_t)[3])
+
+
+@pytest.mark.parametrize("T", [1.0, 4.0])
+@pytest.mark.parametrize("case", GRAD_CASES)
+def test_dkd_gradients_match_float64(case, T):
+  """d DKD / d z_s within 1e-5 of float64 per row; TCKD and NCKD separately, for student
+  and teacher, relative to the batch's largest entry of each (TCKD's own row can be
+  ill-conditioned: logit p_t,y - logit p_s,y may be a small difference of O(10) terms)."""
+  zs, zt, y = grad_case(case, seed=1)
+  alpha, beta = 1.0, 8.0
+  g = jax.grad(lambda s: losses.dkd_loss(s, zt, y, alpha=alpha, beta=beta, temperature=T))(zs)
+  ref = ref_dkd_grads(zs, zt, y, T)
+  batch = zs.shape[0]
+  assert grad_error(g, (alpha * ref["tckd_s"] + beta * ref["nckd_s"]) / batch, "row") < GRAD_RTOL
+  for k, part in (("tckd", 0), ("nckd", 1)):
+    g_s, g_t = jax.grad(lambda s, t: jnp.sum(losses.tckd_nckd(s, t, y, temperature=T)[part]),
+                        argnums=(0, 1))(zs, zt)
+    assert grad_error(g_s, ref[k + "_s"], "batch") < GRAD_RTOL, k
+    assert grad_error(g_t, ref[k + "_t"], "batch") < GRAD_RTOL, k
+
+
+@pytest.mark.parametrize("T", [1.0, 4.0])
+@pytest.mark.parametrize("case", GRAD_CASES[:-1])
+def test_logit_standardized_kd_gradients_match_float64(case, T):
+  """KD on logit_standardize(z) (Sun et al. 2024): student gradient per row, teacher per batch.
+
+  (Not the near case: there each side's standardised logits carry float32 rounding
+  relative to |z'| ~ 1, which the loss then sees against differences of 1e-3.)
+  """
+  zs, zt, _ = grad_case(case, seed=2)
+  fn = lambda s, t: losses.kd_loss(losses.logit_standardize(s), losses.logit_standardize(t),
+                                   temperature=T)
+  g_s, g_t = jax.grad(fn, argnums=(0, 1))(zs, zt)
+  std_s, std_t = ref_standardize(zs)[0], ref_standardize(zt)[0]
+  ref_s, ref_t = ref_kd_grads(std_s, std_t, T)
+  assert grad_error(g_s, ref_standardize_vjp(zs, ref_s), "row") < GRAD_RTOL
+  assert grad_error(g_t, ref_standardize_vjp(zt, ref_t), "batch") < GRAD_RTOL
+
+
+@pytest.mark.parametrize("case", ["separate offsets 1e4", "near"])
+def test_gradients_under_jit_with_constant_teacher(case):
+  """Under jit, with the teacher a compile-time constant (closed over), XLA may not fold
+  the error-free sums away: the gradients keep their precision (T = 3, not a power of 2)."""
+  zs, zt, y = grad_case(case, seed=3)
+  T = 3.0
+  g_kd = jax.jit(jax.grad(lambda s: losses.kd_loss(s, zt, temperature=T)))(zs)
+  assert grad_error(g_kd, ref_kd_grads(zs, zt, T)[0], "row") < GRAD_RTOL
+  g_dkd = jax.jit(jax.grad(lambda s: losses.dkd_loss(s, zt, y, temperature=T)))(zs)
+  ref = ref_dkd_grads(zs, zt, y, T)
+  assert grad_error(g_dkd, (ref["tckd_s"] + 8.0 * ref["nckd_s"]) / zs.shape[0], "row") < GRAD_RTOL
+
+
+@pytest.mark.parametrize("T", [1.0, 4.0])
+@pytest.mark.parametrize("case", ["scale 3", "offset 1e4"])
+def test_temperature_gradients_match_float64_differences(case, T):
+  """d/dT of KD, TCKD and NCKD (T may be traced) against float64 central differences."""
+  if case == "scale 3":
+    zs, zt, y = random_logits(41, batch=4, classes=8)
+  else:
+    zs, zt, y = grad_case(case, seed=4, batch=4, classes=8)
+  h = 1e-4 * T
+  refs = {
+      "kd": lambda temp: ref_kd_per_example(zs, zt, temp).mean(),
+      "tckd": lambda temp: ref_tckd_nckd(zs, zt, y, temp)[0].mean(),
+      "nckd": lambda temp: ref_tckd_nckd(zs, zt, y, temp)[1].mean(),
+  }
+  fns = {
+      "kd": lambda temp: losses.kd_loss(zs, zt, temperature=temp),
+      "tckd": lambda temp: jnp.mean(losses.tckd_nckd(zs, zt, y, temperature=temp)[0]),
+      "nckd": lambda temp: jnp.mean(losses.tckd_nckd(zs, zt, y, temperature=temp)[1]),
+  }
+  for name in refs:
+    expected = (refs[name](T + h) - refs[name](T - h)) / (2 * h)
+    actual = float(jax.grad(fns[name])(jnp.float32(T)))
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_gradients_finite_at_1e4_and_constant_rows():
+  """No NaN or inf in any gradient (student, teacher, temperature) at logits of magnitude
+  1e4, for constant rows, and for a student equal to its teacher."""
+  zs, zt, y = random_logits(42, batch=6, classes=10, scale=1.0)
+  zs, zt = zs * 1e4, zt * 1e4
+  zs[0] = 5.0  # constant rows
+  zt[1] = -3.0
+  zs[2] = zt[2] = 7.0
+  zs[3] = zt[3]
+  zs[4] = 1e4  # a constant row of large magnitude against a varying teacher
+  fns = {
+      "kd": lambda s, t, temp: losses.kd_loss(s, t, temperature=temp),
+      "dkd": lambda s, t, temp: losses.dkd_loss(s, t, y, temperature=temp),
+      "ls+kd": lambda s, t, temp: losses.kd_loss(losses.logit_standardize(s),
+                                                 losses.logit_standardize(t), temperature=temp),
+  }
+  for name, fn in fns.items():
+    value, grads = jax.value_and_grad(fn, argnums=(0, 1, 2))(zs, zt, jnp.float32(1.0))
+    assert np.isfinite(float(value)), name
+    for g in grads:
+      assert np.all(np.isfinite(np.asarray(g))), name
+  # Equal rows have zero KD gradient.
+  g = np.asarray(jax.grad(lambda s: losses.kd_loss(s, zt, temperature=4.0))(zs))
+  assert not np.any(g[2]) and not np.any(g[3])
+
+
+def test_bfloat16_gradients_are_the_float32_gradients_rounded():
+  """bf16 logits: float32 math; the gradient is the float32 one at the rounded logits, cast."""
+  zs, zt, y = random_logits(43, classes=20, scale=4.0)
+  zs16, zt16 = jnp.asarray(zs, jnp.bfloat16), jnp.asarray(zt, jnp.bfloat16)
+  zs32, zt32 = zs16.astype(jnp.float32), zt16.astype(jnp.float32)
+  for fn in (lambda s, t: losses.kd_loss(s, t, temperature=4.0),
+             lambda s, t: losses.dkd_loss(s, t, y)):
+    g16 = jax.grad(fn)(zs16, zt16)
+    g32 = jax.grad(fn)(zs32, zt32)
+    assert g16.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(g16, np.float32),
+                                  np.asarray(g32.astype(jnp.bfloat16), np.float32))
+
+
+def test_gradients_compose_with_vmap_jit_and_jvp():
+  zs, zt, y = random_logits(44, batch=12, classes=6)
+  zs, zt, y = zs.reshape(3, 4, 6), zt.reshape(3, 4, 6), y.reshape(3, 4)
+  fn = lambda s, t, yy, temp: (losses.dkd_loss(s, t, yy, temperature=temp)
+                               + losses.kd_loss(s, t, temperature=temp))
+  grad = jax.grad(fn, argnums=(0, 1, 3))
+  batched = jax.jit(jax.vmap(grad, in_axes=(0, 0, 0, None)))(zs, zt, y, jnp.float32(2.0))
+  for i in range(3):
+    single = grad(zs[i], zt[i], y[i], jnp.float32(2.0))
+    for b, s in zip(batched, single):
+      np.testing.assert_allclose(np.asarray(b)[i], np.asarray(s), rtol=1e-5, atol=1e-8)
+  # Forward mode agrees with reverse mode.
+  tangent = np.random.default_rng(0).normal(size=zs[0].shape).astype(np.float32)
+  f0 = lambda s: fn(s, zt[0], y[0], 2.0)
+  _, forward = jax.jvp(f0, (jnp.asarray(zs[0]),), (jnp.asarray(tangent),))
+  reverse = np.sum(np.asarray(jax.grad(f0)(zs[0]), np.float64) * tangent)
+  np.testing.assert_allclose(float(forward), reverse, rtol=1e-5)

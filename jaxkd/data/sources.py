@@ -100,7 +100,7 @@ class Source(abc.ABC):
 
   def __init__(self, *, val_fraction: float = 0.2, split_seed: int = 0):
     if not 0.0 <= val_fraction < 1.0:
-      raise ValueError(f"val_fraction={val_fraction}: need 0 <= val_fraction < 1 (0.2 = seed 000's 20 %)")
+      raise ValueError(f"val_fraction={val_fraction}: need 0 <= val_fraction < 1 (0.2 holds out 20% of each class)")
     self.val_fraction = float(val_fraction)
     self.split_seed = int(split_seed)
     self._assignment: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
@@ -152,20 +152,25 @@ class Source(abc.ABC):
     """The splits this source can give: ('train', 'val', 'test', 'trainval') or without 'test'."""
     return tuple(s for s in splits_lib.SPLITS if s != splits_lib.TEST or self.has_test)
 
+  # Set by the sources built from a user's folder.
+  _fingerprint: str | None = None
+  _skipped: Sequence[tuple[str, str]] = ()
+  _converted: Sequence[tuple[str, str]] = ()
+
   @property
   def fingerprint(self) -> str | None:
     """SHA-256 hex of the user folder the data set was built from (None: not a user folder)."""
-    return None
+    return self._fingerprint
 
   @property
   def skipped_images(self) -> list[tuple[str, str]]:
     """(path, reason) of the undecodable images left out (``skip_bad_images=True``)."""
-    return []
+    return list(self._skipped)
 
   @property
   def converted_images(self) -> list[tuple[str, str]]:
     """(path, reason) of the images only Pillow decodes, converted once to PNG."""
-    return []
+    return list(self._converted)
 
   def _official_for(self, split: str) -> str:
     splits_lib.check_split(split)
@@ -389,18 +394,6 @@ class Food101LocalSource(TfdsSource):
   @property
   def version(self) -> str:
     return f"{self.builder.version}-{self._fingerprint[:12]}"
-
-  @property
-  def fingerprint(self) -> str:
-    return self._fingerprint
-
-  @property
-  def skipped_images(self) -> list[tuple[str, str]]:
-    return list(self._skipped)
-
-  @property
-  def converted_images(self) -> list[tuple[str, str]]:
-    return list(self._converted)
 
 
 def _prepared_food101_local(data_dir: pathlib.Path, version: str) -> list[dict]:
@@ -668,18 +661,6 @@ class ImageFolderSource(Source):
   @property
   def version(self) -> str:
     return self._version
-
-  @property
-  def fingerprint(self) -> str:
-    return self._fingerprint
-
-  @property
-  def skipped_images(self) -> list[tuple[str, str]]:
-    return list(self._skipped)
-
-  @property
-  def converted_images(self) -> list[tuple[str, str]]:
-    return list(self._converted)
 
   @property
   def class_names(self) -> list[str]:
