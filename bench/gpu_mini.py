@@ -75,6 +75,7 @@ def run(data: str, dtype_name: str, out: str | None, epochs: int | None = None) 
   import jax.numpy as jnp
 
   from configs import food101_mini
+  from jaxkd import config as schema
   from jaxkd import models
   from jaxkd.train import optim
   from jaxkd.train.state import create_train_state, replicate
@@ -125,7 +126,7 @@ def run(data: str, dtype_name: str, out: str | None, epochs: int | None = None) 
     return correct / len(labels)
 
   def train(stage, teacher_logits=None):
-    model = models.create(stage.model, num_classes=num_classes, dtype=dtype, **dict(stage.model_kwargs))
+    model = models.create(stage.model, num_classes=num_classes, dtype=dtype, **schema.model_kwargs(stage))
     bs = int(stage.batch_size)
     n = len(arrays["train_labels"])
     spe = n // bs

@@ -224,7 +224,7 @@ def _train_rows(role: str, model_name: str, model, losses: Sequence[tuple[str, s
   state = state_lib.create_train_state(model, jax.random.key(0), (1, args.image_size, args.image_size, 3), tx,
                                        mesh=mesh)
   params = sum(x.size for x in jax.tree.leaves(state.params))
-  arrays = {k: batch[k] for k in step_lib.TRAIN_BATCH_KEYS}
+  arrays = {k: batch[k] for k in step_lib.TRAIN_BATCH_KEYS if k in batch}
   compiled = {}
   for key, label, loss_kwargs in losses:
     train_step = step_lib.make_train_step(model, step_lib.LossConfig(**loss_kwargs), tx, mesh,
