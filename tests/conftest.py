@@ -176,6 +176,9 @@ def pytest_configure(config):
   path = pathlib.Path(tempfile.mkdtemp(prefix="jaxkd-tests-tfds-"))
   _SESSION_DATA_DIR.append(path)
   os.environ["TFDS_DATA_DIR"] = os.fspath(path)
+  # A JAX compilation cache shared by the main.py subprocesses of this session (tests/test_main.py):
+  # they compile the same small programs again and again; the cache halves each run's time.
+  os.environ["JAXKD_TEST_JAX_CACHE"] = os.fspath(path / "jax-compilation-cache")
   assert jax.device_count() == 8, (
       f"tests expect 8 simulated CPU devices, got {jax.devices()}; XLA_FLAGS must be set before jax is imported")
 

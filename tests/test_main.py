@@ -23,7 +23,7 @@ TINY = [
     "--config.augment.image_size=32",
     "--config.teacher.model=resnet8", "--config.student.model=resnet8", "--config.student.model_kwargs={}",
     "--config.teacher.batch_size=64", "--config.student.batch_size=64",
-    "--config.teacher.max_steps=6", "--config.student.max_steps=6",
+    "--config.teacher.max_steps=10", "--config.student.max_steps=6",  # teacher: long enough to interrupt
     "--config.teacher.checkpoint_every_steps=2", "--config.student.checkpoint_every_steps=2",
     "--config.teacher.log_every_steps=2", "--config.student.log_every_steps=2",
     "--config.evaluate.splits=('val',)", "--config.evaluate.batch_size=200",
@@ -38,6 +38,10 @@ def _env():
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
   env["JAX_PLATFORMS"] = "cpu"
   env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+  if os.environ.get("JAXKD_TEST_JAX_CACHE"):  # the session's compilation cache (tests/conftest.py)
+    env["JAX_COMPILATION_CACHE_DIR"] = os.environ["JAXKD_TEST_JAX_CACHE"]
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
   return env
 
 
@@ -100,7 +104,7 @@ def _check_finished_run(wd, proc, num_val):
   assert any(json.loads(l)["kind"] == "train" and "kd" in json.loads(l) for l in lines)
   assert list((wd / "student" / "tensorboard").glob("events.out.tfevents.*"))
   assert "6 steps (max_steps" in proc.stdout  # not "10 epochs"
-  assert "[teacher] step 6/6" in proc.stdout  # --progress=false still reports progress
+  assert "[student] step 6/6" in proc.stdout  # --progress=false still reports progress
   return store
 
 
@@ -144,27 +148,23 @@ def test_rerun_accepts_harmless_changes_and_refuses_others(food, finished, tmp_p
 
 def test_reuse_a_finished_teacher_and_a_damaged_store(food, finished, tmp_path):
   wd, store = finished
-  # Reusing the finished teacher in a new workdir: no teacher training, and the same logit store.
-  wd2 = tmp_path / "reuse"
   reuse = ["--config.student.loss.temperature=2.0", f"--config.teacher.pretrained={wd}",
            "--config.teacher.epochs=0"]
-  fourth = _run(wd2, food, *reuse)
-  assert fourth.returncode == 0, fourth.stderr[-3000:]
-  assert "teacher: training" not in fourth.stdout and "precomputing" not in fourth.stdout
-  assert json.loads((wd2 / "stages" / "teacher_logits.json").read_text())["store"] == str(store)
-  _assert_same_variables(wd / "teacher" / "final_variables", wd2 / "teacher" / "final_variables")
-
-  # A damaged store: one line whose advice works.
+  # The finished teacher, reused in a new workdir, has the same logit store: damaged, it is refused in
+  # one line whose advice works.
   (store / "manifest.json").write_text("{not json")
-  wd3 = tmp_path / "damaged"
-  fifth = _run(wd3, food, *reuse)
-  assert fifth.returncode == 2, fifth.stderr[-3000:]
-  (err,) = _errors(fifth)
+  wd2 = tmp_path / "reuse"
+  damaged = _run(wd2, food, *reuse)
+  assert damaged.returncode == 2, damaged.stderr[-3000:]
+  (err,) = _errors(damaged)
   assert err.startswith("store error") and f"delete the folder {store}" in err
   shutil.rmtree(store)
-  sixth = _run(wd3, food, *reuse)
-  assert sixth.returncode == 0, sixth.stderr[-3000:]
-  assert (store / "manifest.json").exists()
+  reused = _run(wd2, food, *reuse)
+  assert reused.returncode == 0, reused.stderr[-3000:]
+  assert "teacher: training" not in reused.stdout  # the teacher was not trained again
+  assert json.loads((wd2 / "stages" / "teacher_logits.json").read_text())["store"] == str(store)
+  assert (store / "manifest.json").exists()  # recomputed where the finished run had it
+  _assert_same_variables(wd / "teacher" / "final_variables", wd2 / "teacher" / "final_variables")
 
 
 def test_config_errors_before_compute(food, tmp_path):
@@ -188,19 +188,11 @@ def test_unwritable_store_is_refused_before_the_teacher_trains(food, tmp_path):
   assert not (tmp_path / "wd" / "teacher" / "checkpoints").exists()
 
 
-ONLY_TEACHER = ["--config.student.enabled=false", "--config.teacher.max_steps=10"]
+ONLY_TEACHER = ["--config.student.enabled=false"]
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(food, tmp_path_factory):
-  wd = tmp_path_factory.mktemp("uninterrupted")
-  ref = _run(wd, food, *ONLY_TEACHER)
-  assert ref.returncode == 0, ref.stderr[-3000:]
-  return wd
-
-
-def _interrupt(food, wd, signum):
-  """Starts main.py, sends `signum` once a checkpoint past the first exists (mid-training)."""
+def _interrupt(food, wd, signum, after_step):
+  """Starts main.py (teacher only), sends `signum` once a checkpoint at `after_step` or later exists."""
   proc = subprocess.Popen(_cmd(wd, food, *ONLY_TEACHER), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   ckpt_dir = wd / "teacher" / "checkpoints"
@@ -208,11 +200,11 @@ def _interrupt(food, wd, signum):
   try:
     while time.time() < deadline:
       steps = [int(p.name) for p in ckpt_dir.glob("[0-9]*") if p.name.isdigit()] if ckpt_dir.exists() else []
-      if steps and max(steps) >= 2:
+      if steps and max(steps) >= after_step:
         break
       if proc.poll() is not None:
-        pytest.fail("training finished before it could be interrupted")
-      time.sleep(0.05)
+        pytest.fail(f"training finished before it could be interrupted: {proc.stderr.read()[-2000:]}")
+      time.sleep(0.02)
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
   finally:
@@ -221,28 +213,24 @@ def _interrupt(food, wd, signum):
   return proc.returncode, out, err
 
 
-def test_sigkill_mid_training_then_resume_gives_the_same_parameters(food, uninterrupted, tmp_path):
-  wd = tmp_path / "killed"
-  rc, _, _ = _interrupt(food, wd, signal.SIGKILL)
-  assert rc == -signal.SIGKILL
-  assert not (wd / "stages" / "teacher.json").exists()
-  resumed = _run(wd, food, *ONLY_TEACHER)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  _assert_same_variables(uninterrupted / "teacher" / "final_variables", wd / "teacher" / "final_variables")
-
-
-def test_ctrl_c_saves_a_checkpoint_says_so_and_resumes_exactly(food, uninterrupted, tmp_path):
+def test_ctrl_c_then_kill_then_resume_gives_the_uninterrupted_parameters(food, finished, tmp_path):
   wd = tmp_path / "interrupted"
-  rc, out, err = _interrupt(food, wd, signal.SIGINT)
+  # Ctrl-C mid-training: a checkpoint, one line, exit code 130.
+  rc, out, err = _interrupt(food, wd, signal.SIGINT, after_step=2)
   assert rc == 130, err[-3000:]
   assert "Traceback" not in err
   lines = [l for l in err.splitlines() if l.startswith("stopped")]
   assert len(lines) == 1 and "SIGINT" in lines[0] and "during teacher training" in lines[0], err[-2000:]
   assert "rerun the same command" in lines[0].lower()
   assert not (wd / "stages" / "teacher.json").exists()
+  # The rerun resumes; kill -9 it later, mid-epoch (an epoch of the generated folder is 5 steps).
+  rc, _, _ = _interrupt(food, wd, signal.SIGKILL, after_step=6)
+  assert rc == -signal.SIGKILL
+  assert not (wd / "stages" / "teacher.json").exists()
   resumed = _run(wd, food, *ONLY_TEACHER)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  _assert_same_variables(uninterrupted / "teacher" / "final_variables", wd / "teacher" / "final_variables")
+  # Bit for bit the teacher of the uninterrupted run (same config but the student stage).
+  _assert_same_variables(finished[0] / "teacher" / "final_variables", wd / "teacher" / "final_variables")
 
 
 def test_image_folder_without_test_split_and_a_bad_image(generated_image_folder_flat, tfds_data_dir, tmp_path):
