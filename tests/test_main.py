@@ -229,6 +229,7 @@ def test_ctrl_c_then_kill_then_resume_gives_the_uninterrupted_parameters(food, f
   assert not (wd / "stages" / "teacher.json").exists()
   resumed = _run(wd, food, *ONLY_TEACHER)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "[teacher] resuming from the checkpoint at step" in resumed.stdout
   # Bit for bit the teacher of the uninterrupted run (same config but the student stage).
   _assert_same_variables(finished[0] / "teacher" / "final_variables", wd / "teacher" / "final_variables")
 

@@ -237,7 +237,7 @@ class StopRequested(Exception):
     self.signum = signum
     self.where = where
     name = signal.Signals(signum).name if signum else "a stop request"
-    super().__init__(f"stopped by {name} {where}")
+    super().__init__(f"{name} {where}")  # the command line prints "stopped: SIGINT during ..."
 
 
 def install_stop_handler() -> PreemptionFlag:

@@ -165,6 +165,8 @@ def fit(*, model, stage_config: Any, source, augment: Mapping[str, Any], mesh, s
         raise ValueError(f"checkpoint in {ckpt.directory} was made with seed {position['seed']}, "
                          f"the config says {seed}; use the same seed or a new workdir")
     step = int(jax.device_get(state.step))
+    if restored is not None and jax.process_index() == 0:
+      print(f"[{desc}] resuming from the checkpoint at step {step} of {total_steps}", flush=True)
     _truncate_metrics_after(stage_dir / "metrics.jsonl", step)
     writer = MetricsWriter(stage_dir)
 
