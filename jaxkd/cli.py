@@ -220,10 +220,26 @@ def _multihost_environment() -> bool:
   return "," in hosts
 
 
-def _is_data_error(e: BaseException) -> bool:
-  # jaxkd.data.DataError, wherever jaxkd.data defines it (and whether or not it exists yet).
-  return any(c.__name__ == "DataError" and c.__module__.startswith("jaxkd")
-             for c in type(e).__mro__)
+def _loaded_class(module: str, name: str) -> type:
+  """`module.name` if the module is imported, else a class nothing is an instance of.
+
+  An exception of a pipeline class can only exist once its module is loaded, so classifying
+  an error never imports TensorFlow or Orbax for nothing.
+  """
+  return getattr(sys.modules.get(module), name, type(None))
+
+
+def _pipeline_error(e: BaseException) -> Optional[tuple[str, str, int]]:
+  """(label, message, exit code) for the pipeline's own error types, None for any other."""
+  if isinstance(e, _loaded_class("jaxkd.data.user_folders", "DataError")):
+    return "data error", str(e), 2
+  if isinstance(e, _loaded_class("jaxkd.teacher_store", "TeacherStoreError")):
+    return "store error", str(e), 2
+  if isinstance(e, _loaded_class("jaxkd.train.checkpoint", "StopRequested")):
+    # SIGINT / SIGTERM: the stage saved its work at a safe point. Ctrl-C exits 130 (the shell's
+    # convention); SIGTERM (a scheduler's preemption) exits 0 so the job counts as stopped cleanly.
+    return "stopped", f"{e}. Rerun the same command to resume.", 130 if e.signum == signal.SIGINT else 0
+  return None
 
 
 def _run(config, options: dict) -> None:
@@ -263,7 +279,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   if any(a in _HELP_FLAGS for a in args):
     _print(_help(prog))
     return
-  config_errors: tuple = (ConfigError,)
   try:
     config, options = parse_args(args, prog)
     if options["print_config"]:
@@ -277,27 +292,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if not options["workdir"]:
       raise UsageError("--workdir is required: the folder for checkpoints, metrics and the report "
                        "(--print_config shows the config without running)")
-    from jaxkd import experiment
-    config_errors = (ConfigError, getattr(experiment, "ConfigError", ConfigError))
     _run(config, options)
   except UsageError as e:
     _fail("usage error", e)
   except KeyboardInterrupt:
     _fail("interrupted", "stopped by Ctrl-C; rerun the same command to resume from the last "
           "checkpoint", code=130)
+  except ConfigError as e:
+    _fail("config error", e)
   except Exception as e:  # noqa: BLE001  (only the pipeline's own error types; the rest re-raised)
-    if isinstance(e, config_errors):
-      _fail("config error", e)
-    if _is_data_error(e):
-      _fail("data error", e)
-    if type(e).__name__ == "TeacherStoreError":
-      _fail("store error", e)
-    if type(e).__name__ == "StopRequested":
-      # SIGINT / SIGTERM: the stage saved its work at a safe point. Ctrl-C exits 130 (the shell's
-      # convention); SIGTERM (a scheduler's preemption) exits 0 so the job counts as stopped cleanly.
-      code = 130 if getattr(e, "signum", None) == signal.SIGINT else 0
-      _fail("stopped", f"{e}. Rerun the same command to resume.", code=code)
-    raise
+    known = _pipeline_error(e)
+    if known is None:
+      raise
+    label, message, code = known
+    _fail(label, message, code=code)
 
 
 def console_main() -> None:

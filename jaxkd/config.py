@@ -40,7 +40,7 @@ from ml_collections.config_dict import placeholder
 
 __all__ = [
     "ConfigError", "Key", "SCHEMA", "base_config", "group", "optimizer", "loss", "stage",
-    "fill_defaults",
+    "fill_defaults", "flatten",
     "validate", "check_values", "describe", "changes_result", "default", "lookup", "is_known",
     "is_free_form", "suggest", "unknown_key_message", "model_kwargs", "model_options",
     "compute_dtype", "load_config_file", "sibling", "ROLES",
@@ -623,14 +623,14 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
 # ----------------------------------------------------------------------------- values
 
 
-def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
   """{path: value} of every leaf; free-form mappings (report.reference) stay one value."""
   out = {}
   for name in config.keys():
     value = config[name]
     path = f"{prefix}{name}"
     if isinstance(value, (ml_collections.ConfigDict, dict)) and path not in SCHEMA:
-      out.update(_flatten(value, path + "."))
+      out.update(flatten(value, path + "."))
     else:
       out[path] = value
   return out
@@ -727,7 +727,7 @@ def check_values(config: Any) -> None:
 
   Raises ConfigError naming the key. `validate` runs this first.
   """
-  flat = _flatten(config)
+  flat = flatten(config)
   unknown = [p for p in flat if not is_known(p)]
   if unknown:
     raise ConfigError(", ".join(unknown_key_message(p) for p in unknown))
@@ -913,7 +913,7 @@ def describe(config: Any) -> str:
   Keys whose value differs from the schema default have ``(default: X)`` after the ``#``;
   keys the schema does not know are listed with ``# UNKNOWN KEY``.
   """
-  flat = _flatten(config)
+  flat = flatten(config)
   lines = ["# key = value  # [unit] meaning; '(default: X)' marks a value that is not the default",
            "# Override any key with --config.KEY=VALUE; None resets an optional key."]
   width = max(len(f"{p} = {_show(v)}") for p, v in flat.items()) if flat else 0

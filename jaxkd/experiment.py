@@ -48,15 +48,6 @@ def _config_json(config) -> dict:
   return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-  if isinstance(d, dict):
-    out = {}
-    for k, v in d.items():
-      out.update(_flat(v, f"{prefix}{k}."))
-    return out if out or not prefix else {prefix[:-1]: {}}
-  return {prefix[:-1]: d}
-
-
 def _changes_result(key: str) -> bool:
   # The folder given as data.manual_dir is compared by what it holds (the dataset fingerprint in
   # dataset.json, see Workdir.check_dataset), not by its path.
@@ -65,7 +56,7 @@ def _changes_result(key: str) -> bool:
 
 def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
   """(result-changing, harmless) differences between two configs, as 'key: old -> new' lines."""
-  a, b = _flat(saved), _flat(current)
+  a, b = schema.flatten(saved), schema.flatten(current)
   changing, harmless = [], []
   for key in sorted(set(a) | set(b)):
     old, new = a.get(key, "<missing>"), b.get(key, "<missing>")
@@ -132,18 +123,14 @@ def _write_json(path: pathlib.Path, obj) -> None:
   os.replace(tmp, path)
 
 
-def _has_split(source, split: str) -> bool:
-  splits = getattr(source, "splits", None)
-  if splits is not None:
-    return split in splits
-  if split == "test":
-    return bool(getattr(source, "has_test", True))
-  return True
+def _data_splits(source) -> list[str]:
+  """The evaluation splits the data has: train, val, and test unless it has no test split."""
+  return [s for s in ("train", "val", "test") if s in source.splits]
 
 
 def _dataset_identity(source) -> dict:
   return {"name": source.name, "version": source.version, "num_classes": source.num_classes,
-          "num_examples": {s: source.num_examples(s) for s in ("train", "val", "test") if _has_split(source, s)}}
+          "num_examples": {s: source.num_examples(s) for s in _data_splits(source)}}
 
 
 # ----------------------------------------------------------------------------- stages
@@ -189,10 +176,8 @@ def _workdir_teacher_variables(ctx: "_Context", old: pathlib.Path, model):
   """The teacher of a finished workdir, for reuse in this one (same model and classes, else an error)."""
   old_config = json.loads((old / "config.json").read_text())
   stage = ctx.config.teacher
-  want = {"model": stage.model, "model_kwargs": _model_kwargs(stage)}
-  have = {"model": old_config["teacher"]["model"],
-          "model_kwargs": {k: v for k, v in old_config["teacher"].get("model_kwargs", {}).items()
-                           if v is not None}}
+  want = {"model": stage.model, "model_kwargs": schema.model_kwargs(stage)}
+  have = {"model": old_config["teacher"]["model"], "model_kwargs": schema.model_kwargs(old_config["teacher"])}
   if want != have:
     raise ConfigError(f"config.teacher.pretrained={str(old)!r}: that workdir's teacher is {have}, this config "
                       f"asks for {want}; set --config.teacher.model (and model_kwargs) to match")
@@ -220,15 +205,11 @@ def _pretrained_variables(ctx: "_Context", role: str, model):
     return _workdir_teacher_variables(ctx, old, model)
   _log(f"{role}: importing pretrained weights from {path}")
   return models.load_pretrained(stage.model, path if path.startswith("torchvision") else os.path.expanduser(path),
-                                num_classes=ctx.source.num_classes, model_kwargs=_model_kwargs(stage))
-
-
-def _model_kwargs(stage) -> dict:
-  return schema.model_kwargs(stage)
+                                num_classes=ctx.source.num_classes, model_kwargs=schema.model_kwargs(stage))
 
 
 def _create(stage, num_classes: int, dtype):
-  return models.create(stage.model, num_classes=num_classes, dtype=dtype, **_model_kwargs(stage))
+  return models.create(stage.model, num_classes=num_classes, dtype=dtype, **schema.model_kwargs(stage))
 
 
 def _preprocessing(config) -> dict:
@@ -254,7 +235,7 @@ class _Context:
       raise StopRequested(self.stop.signum, where)
 
   def eval_splits(self) -> list[str]:
-    return [s for s in self.config.evaluate.splits if _has_split(self.source, s)]
+    return [s for s in self.config.evaluate.splits if s in self.source.splits]
 
 
 def _steps_text(ctx: _Context, stage) -> str:
@@ -272,7 +253,7 @@ def _train_stage(ctx: _Context, role: str, model, *, teacher_model=None, teacher
   from jaxkd.train.checkpoint import StopRequested
   from jaxkd.train.loop import fit
   stage = ctx.config[role]
-  eval_split = "val" if _has_split(ctx.source, "val") else None
+  eval_split = "val" if "val" in ctx.source.splits else None
   result = fit(model=model, stage_config=stage, source=ctx.source, augment=dict(ctx.config.augment),
                mesh=ctx.mesh, stage_dir=ctx.workdir.path / role, seed=int(ctx.config.seed),
                image_size=_image_size(ctx.config), teacher_model=teacher_model,
@@ -311,21 +292,20 @@ def _store_root(ctx: _Context) -> pathlib.Path:
   builder = getattr(ctx.source, "builder", None)
   if builder is not None:
     return pathlib.Path(os.fspath(builder.data_dir_root))
-  root = ctx.config.data.get("data_dir") or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
-  return pathlib.Path(os.path.expanduser(root))
+  from jaxkd.data.user_folders import default_data_dir
+  return default_data_dir(ctx.config.data.get("data_dir"))
 
 
 def _needs_store(config) -> bool:
-  if not (config.student.enabled and config.teacher.enabled):
-    return False
-  loss = LossConfig.from_config(config.student.loss)
-  return loss.needs_teacher and config.student.get("teacher", "stored") == "stored"
+  return config.student.enabled and config.teacher.enabled and _teacher_source(config) == "stored"
 
 
 def _check_store_writable(ctx: _Context) -> None:
   """Refuses, before any training, a store location the logit precompute could not write to."""
   import tempfile
-  base = _store_root(ctx) / ctx.source.name / ctx.source.version / "teacher_logits"
+
+  from jaxkd import teacher_store
+  base = teacher_store.stores_root(_store_root(ctx), ctx.source.name, ctx.source.version)
   key = ("config.teacher_logits.store_dir" if ctx.config.teacher_logits.get("store_dir")
          else "the default store location (beside the data; config.teacher_logits.store_dir)")
   try:
@@ -451,12 +431,10 @@ def _student(ctx: _Context, teacher_model, teacher_variables):
 def _get_source(config):
   from jaxkd.data import get_source
   data = config.data
-  kwargs = dict(data_dir=data.get("data_dir"), manual_dir=data.get("manual_dir"),
-                val_fraction=float(data.get("val_fraction", 0.2)), split_seed=int(data.get("split_seed", 0)),
-                download=bool(data.get("download", True)), version=data.get("version"))
-  if data.get("skip_bad_images"):
-    kwargs["skip_bad_images"] = True
-  return get_source(data.name, **kwargs)
+  return get_source(data.name, data_dir=data.get("data_dir"), manual_dir=data.get("manual_dir"),
+                    val_fraction=float(data.get("val_fraction", 0.2)), split_seed=int(data.get("split_seed", 0)),
+                    download=bool(data.get("download", True)), version=data.get("version"),
+                    skip_bad_images=bool(data.get("skip_bad_images", False)))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
@@ -486,10 +464,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, progre
   try:
     ctx = _Context(config=config, workdir=wd, source=source, mesh=data_mesh(), dtype=compute_dtype(config),
                    stop=stop, progress=progress)
-    splits = " / ".join(f"{s} {source.num_examples(s)}" for s in ("train", "val", "test") if _has_split(source, s))
+    splits = " / ".join(f"{s} {source.num_examples(s)}" for s in _data_splits(source))
     _log(f"{source.name} {source.version}: {source.num_classes} classes, {splits}; {jax.device_count()} "
          f"{jax.default_backend()} device(s), compute dtype {jnp.dtype(ctx.dtype).name}")
-    missing = [s for s in config.evaluate.splits if not _has_split(source, s)]
+    missing = [s for s in config.evaluate.splits if s not in source.splits]
     if missing:
       _log(f"evaluate: the data has no {' / '.join(missing)} split; evaluating on {', '.join(ctx.eval_splits())}")
     if not ctx.eval_splits():
@@ -524,7 +502,7 @@ def _run_stages(ctx: _Context) -> dict:
   wd.mark("evaluate", {"results": {f"{r}/{s}": {"top1": v["top1"], "top5": v["top5"]}
                                    for (r, s), v in results.items()}})
   report = report_lib.write_report(config, wd.path, source=source, results=results, splits=ctx.eval_splits(),
-                                   data_splits=[s for s in ("train", "val", "test") if _has_split(source, s)])
+                                   data_splits=_data_splits(source))
   wd.mark("report", {"report": str(wd.path / "report.md")})
   if jax.process_index() == 0:
     print((wd.path / "report.md").read_text())

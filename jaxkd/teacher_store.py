@@ -145,11 +145,19 @@ def _check_component(field: str, value) -> str:
   return value
 
 
+def stores_root(data_dir: PathLike, dataset: str, version: str) -> pathlib.Path:
+  """<data_dir>/<dataset>/<version>/teacher_logits: the stores of every teacher of one dataset."""
+  for field, value in (("dataset", dataset), ("version", version)):
+    _check_component(field, value)
+  return pathlib.Path(data_dir) / dataset / version / "teacher_logits"
+
+
 def store_path(data_dir: PathLike, dataset: str, version: str, teacher_id: str, split: str) -> pathlib.Path:
   """<data_dir>/<dataset>/<version>/teacher_logits/<teacher_id>/<split> (the final store folder)."""
-  for field, value in (("dataset", dataset), ("version", version), ("teacher_id", teacher_id), ("split", split)):
+  root = stores_root(data_dir, dataset, version)
+  for field, value in (("teacher_id", teacher_id), ("split", split)):
     _check_component(field, value)
-  return pathlib.Path(data_dir) / dataset / version / "teacher_logits" / teacher_id / split
+  return root / teacher_id / split
 
 
 def partial_path(store_dir: PathLike) -> pathlib.Path:

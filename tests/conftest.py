@@ -18,7 +18,8 @@ Data fixtures (all session-scoped, built once per test session):
 * ``food101_local_source(manual_dir, **kw)``: a ``food101_local`` source in ``tfds_data_dir``,
   one object per (folder, kw).
 * ``data_variant``: 'generated', plus 'real' when the real photographs are present; tests that
-  take it run on both.
+  take it run on both. ``food_dir`` / ``food``: the variant's ``food-101/`` folder and its
+  ``food101_local`` source.
 * ``shared_data``: ../shared/data (real photographs); skips when absent. Setting
   JAXKD_TEST_NO_SHARED=1 makes the session behave as if it were absent (a user's clone).
 """
@@ -168,6 +169,20 @@ def food101_local_source(tfds_data_dir):
     return cache[key]
 
   return get
+
+
+@pytest.fixture(scope="module")
+def food_dir(data_variant, request):
+  """The food-101/ folder of the variant (generated, or the real food-101-mini)."""
+  if data_variant == "real":
+    return request.getfixturevalue("shared_data") / "food-101-mini" / "food-101"
+  return request.getfixturevalue("generated_food101") / "food-101"
+
+
+@pytest.fixture(scope="module")
+def food(food_dir, food101_local_source):
+  """The food101_local source of `food_dir` (built once per session)."""
+  return food101_local_source(food_dir.parent)
 
 
 def pytest_configure(config):

@@ -271,12 +271,22 @@ def test_in_process_errors_are_one_line(tmp_path, capsys):
 
 
 def test_pipeline_errors_and_ctrl_c_are_one_line(tmp_path, capsys, monkeypatch):
-  data_error = type("DataError", (ValueError,), {"__module__": "jaxkd.data"})
+  import signal
+
+  from jaxkd.data import DataError
+  from jaxkd.teacher_store import TeacherStoreError
+  from jaxkd.train.checkpoint import StopRequested
   seen = {}
   for raised, code, start in ((schema.ConfigError("config.x: bad"), 2,
                                "config error: config.x: bad"),
-                              (data_error("3 files do not decode:\n  a.jpg\n  b.jpg"), 2,
+                              (DataError("3 files do not decode:\n  a.jpg\n  b.jpg"), 2,
                                "data error: 3 files do not decode:"),
+                              (TeacherStoreError("teacher store s: bad. To fix: delete s"), 2,
+                               "store error: teacher store s: bad."),
+                              (StopRequested(signal.SIGINT, "during teacher training at step 3"), 130,
+                               "stopped: SIGINT during teacher training at step 3"),
+                              (StopRequested(signal.SIGTERM, "during teacher training at step 3"), 0,
+                               "stopped: SIGTERM during teacher training at step 3"),
                               (KeyboardInterrupt(), 130, "interrupted: ")):
     def run(config, options, raised=raised):  # in place of jax setup + jaxkd.experiment.run
       seen["epochs"], seen["workdir"] = config.student.epochs, options["workdir"]

@@ -21,9 +21,7 @@ import hashlib
 import json
 import logging
 import pathlib
-import subprocess
 import sys
-import textwrap
 import urllib.request
 
 import jax
@@ -32,10 +30,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+import system_torch
 from jaxkd import models
 from jaxkd.models import convert
 
-SYSTEM_PYTHON = "/usr/bin/python3"
 RTOL = 1e-4
 
 REFERENCE_SCRIPT = r"""
@@ -102,33 +100,14 @@ torch.save(checkpoint, f"{out}/checkpoint.pth.tar")
 """
 
 
-def _system_torch_problem() -> str | None:
-  try:
-    result = subprocess.run([SYSTEM_PYTHON, "-c", "import torch, torchvision"], capture_output=True, text=True,
-                            timeout=120)
-  except (OSError, subprocess.TimeoutExpired) as e:
-    return f"{SYSTEM_PYTHON} not usable: {e}"
-  if result.returncode != 0:
-    last_line = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit status {result.returncode}"
-    return (f"`{SYSTEM_PYTHON} -c 'import torch, torchvision'` failed (install Debian's python3-torchvision for the "
-            f"reference): {last_line}")
-  return None
-
-
-def _run_system_python(script: str, *args: str) -> None:
-  result = subprocess.run([SYSTEM_PYTHON, "-c", textwrap.dedent(script), *args], capture_output=True, text=True,
-                          timeout=300)
-  assert result.returncode == 0, f"reference script failed:\n{result.stdout}\n{result.stderr}"
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> pathlib.Path:
   """Directory with torchvision's state dicts (npz), image, logits and shapes; their .safetensors versions."""
-  problem = _system_torch_problem()
+  problem = system_torch.problem()
   if problem:
     pytest.skip(f"torchvision reference unavailable: {problem}")
   out = tmp_path_factory.mktemp("torchvision_reference")
-  _run_system_python(REFERENCE_SCRIPT, str(out))
+  system_torch.run(REFERENCE_SCRIPT, str(out))
   for name in ["resnet50", "mobilenet_v3_large", "mobilenet_v3_small"]:
     save_file(_state(out, name), str(out / f"{name}.safetensors"))
   return out
@@ -231,7 +210,7 @@ def test_pth_training_checkpoint_read_without_torch(reference, monkeypatch):
   """A real torch.save'd training checkpoint ({'state_dict': {'module.' + key: tensor}, 'epoch',
   'optimizer'}) is read by read_checkpoint with torch not importable and converts to the same
   variables as the .safetensors file."""
-  _run_system_python(SAVE_CHECKPOINT_SCRIPT, str(reference))
+  system_torch.run(SAVE_CHECKPOINT_SCRIPT, str(reference))
   monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` fails
   read_back = convert.read_checkpoint(reference / "checkpoint.pth.tar")
   state = _state(reference, "mobilenet_v3_large")

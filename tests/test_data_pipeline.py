@@ -25,19 +25,6 @@ def mesh():
 
 
 @pytest.fixture(scope="module")
-def food_dir(data_variant, request):
-  """The food-101/ folder of the variant (generated, or the real food-101-mini)."""
-  if data_variant == "real":
-    return request.getfixturevalue("shared_data") / "food-101-mini" / "food-101"
-  return request.getfixturevalue("generated_food101") / "food-101"
-
-
-@pytest.fixture(scope="module")
-def food(food_dir, food101_local_source):
-  return food101_local_source(food_dir.parent)
-
-
-@pytest.fixture(scope="module")
 def cifar(data_variant, request, tfds_data_dir):
   """An image-folder source without test/: generated, or the real cifar10-small/test."""
   if data_variant == "real":

@@ -63,7 +63,7 @@ def _errors(proc) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def food(generated_food101, tfds_data_dir):
+def food_data(generated_food101, tfds_data_dir):
   """(generated Food-101-layout folder, the session's TFDS data_dir)."""
   return generated_food101, tfds_data_dir
 
@@ -109,11 +109,11 @@ def _check_finished_run(wd, proc, num_val):
 
 
 @pytest.fixture(scope="module")
-def finished(food, generated_food101_tree, tmp_path_factory):
+def finished(food_data, generated_food101_tree, tmp_path_factory):
   """A finished tiny run on the generated folder, checked: (workdir, its teacher-logit store)."""
   wd = tmp_path_factory.mktemp("finished") / "run"
   num_val = sum(int(0.2 * len(keys) + 0.5) for keys in generated_food101_tree.train.values())
-  return wd, _check_finished_run(wd, _run(wd, food), num_val)
+  return wd, _check_finished_run(wd, _run(wd, food_data), num_val)
 
 
 def test_full_pipeline(data_variant, request, tfds_data_dir, tmp_path):
@@ -126,8 +126,8 @@ def test_full_pipeline(data_variant, request, tfds_data_dir, tmp_path):
   _check_finished_run(wd, _run(wd, (photos, tfds_data_dir)), 400)  # 20% of each class's 200 images
 
 
-def test_rerun_accepts_harmless_changes_and_refuses_others(food, finished, tmp_path):
-  folder, data_dir = food
+def test_rerun_accepts_harmless_changes_and_refuses_others(food_data, finished, tmp_path):
+  folder, data_dir = food_data
   wd, _ = finished
   # A rerun prints the report; settings that change no result (eval batch size, logging, the same
   # folder by another path) are accepted.
@@ -139,14 +139,14 @@ def test_rerun_accepts_harmless_changes_and_refuses_others(food, finished, tmp_p
   assert ": training" not in second.stdout and "evaluate:" not in second.stdout  # no stage ran again
   assert "settings that change no result:" in second.stdout and "evaluate.batch_size: 200 -> 80" in second.stdout
   # A result-changing key is refused in one line naming it, saying how to reuse the teacher.
-  third = _run(wd, food, "--config.student.loss.temperature=2.0")
+  third = _run(wd, food_data, "--config.student.loss.temperature=2.0")
   assert third.returncode == 2
   (err,) = _errors(third)
   assert err.startswith("config error") and "config.student.loss.temperature" in err
   assert f"--config.teacher.pretrained={wd}" in err
 
 
-def test_reuse_a_finished_teacher_and_a_damaged_store(food, finished, tmp_path):
+def test_reuse_a_finished_teacher_and_a_damaged_store(food_data, finished, tmp_path):
   wd, store = finished
   reuse = ["--config.student.loss.temperature=2.0", f"--config.teacher.pretrained={wd}",
            "--config.teacher.epochs=0"]
@@ -154,12 +154,12 @@ def test_reuse_a_finished_teacher_and_a_damaged_store(food, finished, tmp_path):
   # one line whose advice works.
   (store / "manifest.json").write_text("{not json")
   wd2 = tmp_path / "reuse"
-  damaged = _run(wd2, food, *reuse)
+  damaged = _run(wd2, food_data, *reuse)
   assert damaged.returncode == 2, damaged.stderr[-3000:]
   (err,) = _errors(damaged)
   assert err.startswith("store error") and f"delete the folder {store}" in err
   shutil.rmtree(store)
-  reused = _run(wd2, food, *reuse)
+  reused = _run(wd2, food_data, *reuse)
   assert reused.returncode == 0, reused.stderr[-3000:]
   assert "teacher: training" not in reused.stdout  # the teacher was not trained again
   assert json.loads((wd2 / "stages" / "teacher_logits.json").read_text())["store"] == str(store)
@@ -167,21 +167,21 @@ def test_reuse_a_finished_teacher_and_a_damaged_store(food, finished, tmp_path):
   _assert_same_variables(wd / "teacher" / "final_variables", wd2 / "teacher" / "final_variables")
 
 
-def test_config_errors_before_compute(food, tmp_path):
-  bad = _run(tmp_path / "a", food, "--config.student.batch_size=60")
+def test_config_errors_before_compute(food_data, tmp_path):
+  bad = _run(tmp_path / "a", food_data, "--config.student.batch_size=60")
   assert bad.returncode == 2 and "config.student.batch_size=60" in bad.stderr
   assert not (tmp_path / "a" / "teacher").exists()
-  missing = _run(tmp_path / "b", (tmp_path / "nonexistent" / "food", food[1]))
+  missing = _run(tmp_path / "b", (tmp_path / "nonexistent" / "food", food_data[1]))
   assert missing.returncode == 2 and "config.data.manual_dir" in missing.stderr
-  typo = _run(tmp_path / "c", food, "--config.student.epochz=3")
+  typo = _run(tmp_path / "c", food_data, "--config.student.epochz=3")
   assert typo.returncode == 2
   assert _errors(typo) == ["config error: unknown key student.epochz (did you mean student.epochs?)"]
 
 
-def test_unwritable_store_is_refused_before_the_teacher_trains(food, tmp_path):
+def test_unwritable_store_is_refused_before_the_teacher_trains(food_data, tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("not a folder")
-  proc = _run(tmp_path / "wd", food, f"--config.teacher_logits.store_dir={blocker / 'stores'}")
+  proc = _run(tmp_path / "wd", food_data, f"--config.teacher_logits.store_dir={blocker / 'stores'}")
   assert proc.returncode == 2, proc.stderr[-3000:]
   (err,) = _errors(proc)
   assert "config.teacher_logits.store_dir" in err and str(blocker) in err
@@ -191,9 +191,9 @@ def test_unwritable_store_is_refused_before_the_teacher_trains(food, tmp_path):
 ONLY_TEACHER = ["--config.student.enabled=false"]
 
 
-def _interrupt(food, wd, signum, after_step):
+def _interrupt(food_data, wd, signum, after_step):
   """Starts main.py (teacher only), sends `signum` once a checkpoint at `after_step` or later exists."""
-  proc = subprocess.Popen(_cmd(wd, food, *ONLY_TEACHER), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+  proc = subprocess.Popen(_cmd(wd, food_data, *ONLY_TEACHER), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   ckpt_dir = wd / "teacher" / "checkpoints"
   deadline = time.time() + 400
@@ -213,10 +213,10 @@ def _interrupt(food, wd, signum, after_step):
   return proc.returncode, out, err
 
 
-def test_ctrl_c_then_kill_then_resume_gives_the_uninterrupted_parameters(food, finished, tmp_path):
+def test_ctrl_c_then_kill_then_resume_gives_the_uninterrupted_parameters(food_data, finished, tmp_path):
   wd = tmp_path / "interrupted"
   # Ctrl-C mid-training: a checkpoint, one line, exit code 130.
-  rc, out, err = _interrupt(food, wd, signal.SIGINT, after_step=2)
+  rc, out, err = _interrupt(food_data, wd, signal.SIGINT, after_step=2)
   assert rc == 130, err[-3000:]
   assert "Traceback" not in err
   lines = [l for l in err.splitlines() if l.startswith("stopped")]
@@ -224,10 +224,10 @@ def test_ctrl_c_then_kill_then_resume_gives_the_uninterrupted_parameters(food, f
   assert "rerun the same command" in lines[0].lower()
   assert not (wd / "stages" / "teacher.json").exists()
   # The rerun resumes; kill -9 it later, mid-epoch (an epoch of the generated folder is 5 steps).
-  rc, _, _ = _interrupt(food, wd, signal.SIGKILL, after_step=6)
+  rc, _, _ = _interrupt(food_data, wd, signal.SIGKILL, after_step=6)
   assert rc == -signal.SIGKILL
   assert not (wd / "stages" / "teacher.json").exists()
-  resumed = _run(wd, food, *ONLY_TEACHER)
+  resumed = _run(wd, food_data, *ONLY_TEACHER)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "[teacher] resuming from the checkpoint at step" in resumed.stdout
   # Bit for bit the teacher of the uninterrupted run (same config but the student stage).

@@ -21,18 +21,15 @@ import os
 import pathlib
 import pickle
 import struct
-import subprocess
 import sys
-import textwrap
 import zipfile
 
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+import system_torch
 from jaxkd.models import convert, torch_pickle
-
-SYSTEM_PYTHON = "/usr/bin/python3"
 
 
 @pytest.fixture(autouse=True)
@@ -480,30 +477,14 @@ print(torch.__version__)
 """
 
 
-def _system_torch_problem() -> str | None:
-  try:
-    result = subprocess.run([SYSTEM_PYTHON, "-c", "import torch, torchvision"],
-                            capture_output=True, text=True, timeout=120)
-  except (OSError, subprocess.TimeoutExpired) as e:
-    return f"{SYSTEM_PYTHON} not usable: {e}"
-  if result.returncode != 0:
-    err = result.stderr.strip()
-    last = err.splitlines()[-1] if err else f"exit status {result.returncode}"
-    return (f"`{SYSTEM_PYTHON} -c 'import torch, torchvision'` failed (install Debian's "
-            f"python3-torchvision): {last}")
-  return None
-
-
 @pytest.fixture(scope="module")
 def real_torch_files(tmp_path_factory) -> pathlib.Path:
-  problem = _system_torch_problem()
+  problem = system_torch.problem()
   if problem:
     pytest.skip(f"files written by real torch unavailable: {problem}")
   out = tmp_path_factory.mktemp("torch_saved")
-  result = subprocess.run([SYSTEM_PYTHON, "-c", textwrap.dedent(REAL_TORCH_SCRIPT), str(out)],
-                          capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, f"torch script failed:\n{result.stdout}\n{result.stderr}"
-  print(f"written by torch {result.stdout.strip()}")
+  version = system_torch.run(REAL_TORCH_SCRIPT, str(out), what="torch script")
+  print(f"written by torch {version.strip()}")
   return out
 
 

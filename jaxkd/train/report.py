@@ -10,6 +10,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from jaxkd import models
+from jaxkd.config import model_kwargs
+from jaxkd.train.step import LossConfig
 from jaxkd.train.loop import read_metrics
 
 __all__ = ["write_report", "describe_run", "reference_for_run", "plot_training_curves", "plot_confusion"]
@@ -97,16 +99,12 @@ def describe_run(config, source) -> str:
   teacher = config.teacher.model if config.teacher.enabled else None
   student = config.student.model if config.student.enabled else None
   if teacher and student:
-    if _needs_teacher(config):
+    if LossConfig.from_config(config.student.loss).distills:
       return f"{data}: {teacher} -> {student}, {_loss_text(config)}"
     return f"{data}: teacher {teacher}; student {student}, {_loss_text(config)}"
   if teacher:
     return f"{data}: teacher {teacher}"
   return f"{data}: {student}, {_loss_text(config)}"
-
-
-def _needs_teacher(config) -> bool:
-  return str(config.student.loss.kind) != "ce"
 
 
 def reference_for_run(config, source) -> tuple[dict, str]:
@@ -152,7 +150,7 @@ def write_report(config, workdir: pathlib.Path, *, source, results: Mapping[tupl
   rows = []
   for role in roles:
     stage = config[role]
-    kwargs = {k: v for k, v in dict(stage.get("model_kwargs", {})).items() if v is not None}
+    kwargs = model_kwargs(stage)
     cost = models.cost(stage.model, image_size=image_size, num_classes=source.num_classes, **kwargs)
     row = {"role": role, "model": stage.model, "model_kwargs": kwargs, "params": int(cost["params"]),
            "macs": float(cost["macs"]), "image_size": image_size}
