@@ -166,10 +166,16 @@ def _pipeline_decode():
 
 
 def _tf_message(error: tf.errors.OpError) -> str:
-  """TensorFlow's error message without the op/function decorations."""
-  message = str(error.message).strip().splitlines()[0]
-  message = re.sub(r"\{\{[^}]*\}\}\s*", "", message)
-  return re.sub(r"\s*\[Op:[^\]]*\].*$", "", message).strip()
+  """TensorFlow's error message without the op/function decorations.
+
+  In graph mode the message is 'Graph execution error:', the Python frames of the op, then the
+  reason: the last line that is not a decoration is the reason.
+  """
+  lines = [re.sub(r"\{\{[^}]*\}\}\s*|\s*\[\[.*$|\s*\[Op:[^\]]*\].*$", "", line).strip()
+           for line in str(error.message).splitlines()]
+  reasons = [line for line in lines
+             if line and not line.startswith(("Graph execution error", "Detected at node", "File "))]
+  return reasons[-1] if reasons else lines[0]
 
 
 def pipeline_decodes(data: bytes) -> str | None:
@@ -209,6 +215,7 @@ def check_bytes(data: bytes) -> tuple[str, str]:
     return BAD, (f"TensorFlow cannot decode it ({error}) and Pillow, needed to convert it, is "
                  f"missing ({e})")
   except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
+    e = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))  # Pillow names its buffer
     if kind is None:
       return BAD, (f"not a JPEG, PNG, GIF, BMP or WebP image (it starts with {data[:12]!r}; "
                    f"TensorFlow: {error}; Pillow: {e})")
@@ -356,9 +363,9 @@ def bad_images_error(root: pathlib.Path, check: ImageCheck) -> DataError:
   lines = "\n".join(f"  {path}: {reason}" for path, reason in absolute_pairs(root, check.bad))
   return DataError(
       f"{len(check.bad)} of {check.num_checked} image files in {os.fspath(root)!r} cannot be "
-      f"decoded by the training pipeline:\n{lines}\nReplace or delete them, or pass "
-      "skip_bad_images=True (config data.skip_bad_images) to leave them out; the run's report "
-      "then lists them.")
+      f"decoded by the training pipeline:\n{lines}\nReplace or delete them, or leave them out "
+      "with --config.data.skip_bad_images=true (jaxkd.data.get_source(..., "
+      "skip_bad_images=True)); the run's report then lists them.")
 
 
 def absolute_pairs(root: pathlib.Path, pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
