@@ -1,7 +1,8 @@
-"""Micro-benchmark: depthwise convolution on the CPU, XLA's grouped convolution vs the shifted-slice path.
+"""Micro-benchmark: depthwise convolution on the CPU, XLA's grouped convolution vs the
+shifted-slice path.
 
 Single layers with MobileNetV3-Large's depthwise shapes at 224 px, batch 32, float32
-(Howard et al. 2019, arXiv:1905.02244, Table 1): kernel 3 and 5, strides 1 and 2,
+(Howard et al., "Searching for MobileNetV3", ICCV 2019, Table 1): kernel 3 and 5, strides 1 and 2,
 112x112x16 down to 7x7x960. For each layer and implementation:
 
   fwd ms      jit(y = conv(x, w))
@@ -23,7 +24,7 @@ import pathlib
 import statistics
 import sys
 import time
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(_REPO) not in sys.path:
@@ -34,7 +35,8 @@ import jax.numpy as jnp  # noqa: E402
 
 from jaxkd.models.depthwise import shift_depthwise_conv2d, xla_depthwise_conv2d  # noqa: E402
 
-# (name, H=W, channels, kernel, stride) of MobileNetV3-Large's depthwise layers at 224 px (one per distinct shape).
+# (name, H=W, channels, kernel, stride) of MobileNetV3-Large's depthwise layers at 224 px (one per
+# distinct shape).
 MOBILENETV3_LARGE_LAYERS = (
     ("bneck1 112x112x16 k3 s1", 112, 16, 3, 1),
     ("bneck2 112x112x64 k3 s2", 112, 64, 3, 2),
@@ -64,8 +66,9 @@ def _median_ms(fn: Callable, args: Sequence, repeats: int) -> float:
   return 1e3 * statistics.median(times)
 
 
-def run(layers: Optional[Sequence] = None, *, quick: bool = False, verbose: bool = True, batch: int = 32,
-        dtype=jnp.float32, repeats: Optional[int] = None, bwd_repeats: Optional[int] = None) -> list[dict]:
+def run(layers: Sequence | None = None, *, quick: bool = False, verbose: bool = True,
+        batch: int = 32, dtype=jnp.float32, repeats: int | None = None,
+        bwd_repeats: int | None = None) -> list[dict]:
   """Times every layer with every implementation; returns one row per (layer, implementation).
 
   `layers`: (name, size, channels, kernel, stride) tuples, default MOBILENETV3_LARGE_LAYERS
@@ -83,7 +86,8 @@ def run(layers: Optional[Sequence] = None, *, quick: bool = False, verbose: bool
   if repeats is None:
     repeats = 3 if quick else 5
   bwd_repeats = max(3, repeats // 2) if bwd_repeats is None else bwd_repeats
-  platform = f"{jax.devices()[0].platform} ({jax.devices()[0].device_kind}, {jax.device_count()} device(s))"
+  device = jax.devices()[0]
+  platform = f"{device.platform} ({device.device_kind}, {jax.device_count()} device(s))"
   rows = []
   for name, size, channels, k, s in layers:
     pad = (k - 1) // 2
@@ -95,9 +99,9 @@ def run(layers: Optional[Sequence] = None, *, quick: bool = False, verbose: bool
     flops = 2 * batch * out * out * channels * k * k
     layer_rows = []
     for impl, conv in IMPLEMENTATIONS.items():
-      fwd = jax.jit(lambda x, w, conv=conv: conv(x, w, strides=s, padding=pad))
+      fwd = jax.jit(lambda x, w, conv=conv, s=s, pad=pad: conv(x, w, strides=s, padding=pad))
 
-      def fwd_bwd(x, w, g, conv=conv):
+      def fwd_bwd(x, w, g, conv=conv, s=s, pad=pad):
         y, pullback = jax.vjp(lambda x, w: conv(x, w, strides=s, padding=pad), x, w)
         return y, pullback(g)
 
@@ -105,8 +109,8 @@ def run(layers: Optional[Sequence] = None, *, quick: bool = False, verbose: bool
       fwd_ms = _median_ms(fwd, (x, w), repeats)
       fwd_bwd_ms = _median_ms(fwd_bwd, (x, w, g), bwd_repeats)
       layer_rows.append({"shape": name, "impl": impl, "fwd_ms": fwd_ms, "fwd_bwd_ms": fwd_bwd_ms,
-                         "gflops": flops / fwd_ms / 1e6, "batch": batch, "dtype": jnp.dtype(dtype).name,
-                         "platform": platform})
+                         "gflops": flops / fwd_ms / 1e6, "batch": batch,
+                         "dtype": jnp.dtype(dtype).name, "platform": platform})
     base = layer_rows[0]
     for row in layer_rows:
       row["speedup_fwd"] = base["fwd_ms"] / row["fwd_ms"]
@@ -126,11 +130,12 @@ def markdown_table(rows: Sequence[dict]) -> str:
   first = rows[0]
   lines = [f"batch {first['batch']}, {first['dtype']}, {first['platform']}, median times",
            "",
-           "| layer | implementation | fwd ms | fwd+bwd ms | fwd GFLOP/s | speed-up fwd | speed-up fwd+bwd |",
+           "| layer | implementation | fwd ms | fwd+bwd ms | fwd GFLOP/s | speed-up fwd | "
+           "speed-up fwd+bwd |",
            "|---|---|---:|---:|---:|---:|---:|"]
   for r in rows:
-    lines.append(f"| {r['shape']} | {r['impl']} | {r['fwd_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | {r['gflops']:.2f} | "
-                 f"{r['speedup_fwd']:.1f}x | {r['speedup_fwd_bwd']:.1f}x |")
+    lines.append(f"| {r['shape']} | {r['impl']} | {r['fwd_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | "
+                 f"{r['gflops']:.2f} | {r['speedup_fwd']:.1f}x | {r['speedup_fwd_bwd']:.1f}x |")
   for impl in dict.fromkeys(r["impl"] for r in rows):
     fwd = sum(r["fwd_ms"] for r in rows if r["impl"] == impl)
     both = sum(r["fwd_bwd_ms"] for r in rows if r["impl"] == impl)
@@ -138,10 +143,11 @@ def markdown_table(rows: Sequence[dict]) -> str:
   return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="three layers, 3 repeats")
-  parser.add_argument("--repeats", type=int, default=None, help="timed forward runs (default 5, quick 3)")
+  parser.add_argument("--repeats", type=int, default=None,
+                      help="timed forward runs (default 5, quick 3)")
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--bf16", action="store_true", help="bfloat16 inputs instead of float32")
   args = parser.parse_args(argv)

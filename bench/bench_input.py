@@ -21,7 +21,7 @@ import os
 import pathlib
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(_REPO) not in sys.path:
@@ -50,20 +50,25 @@ def _configs(image_size: int) -> dict[str, augment.AugmentConfig]:
   }
 
 
-def run(*, data_root: str | os.PathLike | None = None, image_size: int = 224, num_images: int = 512,
-        passes: int = 2, batch_size: int = 32, modes: Sequence[str] = ("train", "eval"),
-        num_parallel_calls: Sequence[int | None] = (1, 2, 4, None), verbose: bool = True) -> list[dict]:
-  """Times preprocessing; returns rows {mode, num_parallel_calls, images, seconds, images_per_s, ...}.
+def run(*, data_root: str | os.PathLike | None = None, image_size: int = 224,
+        num_images: int = 512, passes: int = 2, batch_size: int = 32,
+        modes: Sequence[str] = ("train", "eval"),
+        num_parallel_calls: Sequence[int | None] = (1, 2, 4, None),
+        verbose: bool = True) -> list[dict]:
+  """Times preprocessing; returns rows {mode, num_parallel_calls, images, seconds, images_per_s,
+  ...}.
 
   ``None`` in ``num_parallel_calls`` means tf.data.AUTOTUNE; "per core" divides by
   min(num_parallel_calls, cores available to this process) (all cores for AUTOTUNE).
   """
   root = pathlib.Path(data_root or DEFAULT_DATA_ROOT) / "food-101-mini" / "food-101" / "images"
   if not root.is_dir():
-    raise FileNotFoundError(f"benchmark images not found at {os.fspath(root)!r}; pass data_root=<folder "
-                            "holding food-101-mini/> (the repository's ../shared/data)")
+    raise FileNotFoundError(f"benchmark images not found at {os.fspath(root)!r}; pass "
+                            "data_root= (--data-root on the command line), a folder holding "
+                            "food-101-mini/ (default: ../shared/data beside the repository)")
   source = data.get_source("image_folder", manual_dir=root)
-  encoded = source.as_dataset("trainval").take(num_images).map(lambda ex: (ex["image"], ex["key"])).cache()
+  encoded = (source.as_dataset("trainval").take(num_images)
+             .map(lambda ex: (ex["image"], ex["key"])).cache())
   count = sum(1 for _ in encoded)  # fills the in-memory cache
   cores = _cores()
   configs = _configs(image_size)
@@ -82,7 +87,8 @@ def run(*, data_root: str | os.PathLike | None = None, image_size: int = 224, nu
           del key
           return augment.eval_preprocess(image, cfg)
 
-      ds = encoded.repeat(passes).map(fn, num_parallel_calls=calls, deterministic=True).batch(batch_size)
+      ds = (encoded.repeat(passes).map(fn, num_parallel_calls=calls, deterministic=True)
+            .batch(batch_size))
       opts = tf.data.Options()
       opts.experimental_optimization.map_parallelization = False
       ds = ds.with_options(opts).prefetch(2)
@@ -99,7 +105,8 @@ def run(*, data_root: str | os.PathLike | None = None, image_size: int = 224, nu
              "cores": cores, "source_images": count}
       rows.append(row)
       if verbose:
-        print(f"  {mode:5s} npc={row['num_parallel_calls']!s:8s} {row['images_per_s']:8.1f} img/s", flush=True)
+        print(f"  {mode:5s} npc={row['num_parallel_calls']!s:8s} "
+              f"{row['images_per_s']:8.1f} img/s", flush=True)
   return rows
 
 
@@ -114,7 +121,9 @@ def markdown_table(rows: list[dict]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--data-root", default=None, help="folder holding food-101-mini/ (default ../shared/data)")
+  parser.add_argument("--data-root", default=None,
+                      help="folder holding food-101-mini/ (default: ../shared/data beside the "
+                           "repository)")
   parser.add_argument("--image-size", type=int, default=224)
   parser.add_argument("--num-images", type=int, default=512)
   parser.add_argument("--passes", type=int, default=2)

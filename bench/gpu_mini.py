@@ -6,8 +6,13 @@ everything else of `configs/food101_mini.py` — models, optimizer, one-cycle
 schedule, epochs, batch size, loss, seed, the 80/20 split — and feeds the
 train step from pre-decoded uint8 arrays:
 
-  python bench/gpu_mini.py pack --manual-dir=../shared/data/food-101-mini --out=.devcache/mini.npz   # here (PIL)
-  python bench/gpu_mini.py run --data=.devcache/mini.npz --dtype=bfloat16                              # on the GPU
+  # here (PIL):
+  python bench/gpu_mini.py pack --manual-dir=../shared/data/food-101-mini --out=.devcache/mini.npz
+  # on the GPU:
+  python bench/gpu_mini.py run --data=.devcache/mini.npz --dtype=bfloat16
+
+Training runs through jaxkd's `fit` (checkpoints, logged metrics, NaN check), as in
+main.py; the stages are evaluated once, after training.
 
 Differences from main.py's pipeline, on purpose and stated in the output:
 64-px images (the config's 96 px works around an XLA:CPU slowdown that GPUs
@@ -23,6 +28,7 @@ import argparse
 import json
 import pathlib
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -70,7 +76,13 @@ def pack(manual_dir: str, out: str, *, val_fraction: float = 0.2, split_seed: in
            classes=np.array(classes), **arrays)
 
 
-def run(data: str, dtype_name: str, out: str | None, epochs: int | None = None) -> dict:
+def run(data: str, dtype_name: str, out: str | None, epochs: int | None = None,
+        workdir: str | None = None) -> dict:
+  """Trains and evaluates the three models; checkpoints go to `workdir` (default: a temporary
+  folder, removed at the end; an existing workdir resumes its unfinished stages)."""
+  if workdir is None:
+    with tempfile.TemporaryDirectory(prefix="gpu_mini-") as tmp:
+      return run(data, dtype_name, out, epochs, tmp)
   import jax
   import jax.numpy as jnp
 
@@ -78,8 +90,15 @@ def run(data: str, dtype_name: str, out: str | None, epochs: int | None = None) 
   from jaxkd import config as schema
   from jaxkd import models
   from jaxkd.train import optim
+  from jaxkd.train.loop import FitSpec, fit
   from jaxkd.train.state import create_train_state, replicate
-  from jaxkd.train.step import data_mesh, make_eval_step, make_train_step
+  from jaxkd.train.step import (
+    LossConfig,
+    data_mesh,
+    make_eval_step,
+    make_logits_fn,
+    make_train_step,
+  )
 
   config = food101_mini.get_config()
   if epochs is not None:  # smoke runs
@@ -87,7 +106,8 @@ def run(data: str, dtype_name: str, out: str | None, epochs: int | None = None) 
   arrays = dict(np.load(data))
   mean, std = jnp.asarray(arrays["mean"]), jnp.asarray(arrays["std"])
   num_classes = len(arrays["classes"])
-  size = int(arrays["val_images"].shape[1])  # the packed resolution (64 px), not the config's CPU-tuned 96 px
+  # The packed resolution (64 px), not the config's CPU-tuned 96 px.
+  size = int(arrays["val_images"].shape[1])
   config.augment.image_size = size
   dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[dtype_name]
   mesh = data_mesh()
@@ -102,7 +122,8 @@ def run(data: str, dtype_name: str, out: str | None, epochs: int | None = None) 
     k1, k2, k3 = jax.random.split(key, 3)
     oy = jax.random.randint(k1, (n,), 0, images.shape[1] - size + 1)
     ox = jax.random.randint(k2, (n,), 0, images.shape[2] - size + 1)
-    crops = jax.vmap(lambda im, y, x: jax.lax.dynamic_slice(im, (y, x, 0), (size, size, 3)))(images, oy, ox)
+    crops = jax.vmap(lambda im, y, x: jax.lax.dynamic_slice(im, (y, x, 0), (size, size, 3)))(
+        images, oy, ox)
     flip = jax.random.bernoulli(k3, 0.5, (n,))
     crops = jnp.where(flip[:, None, None, None], crops[:, :, ::-1], crops)
     return normalize(crops)
@@ -116,7 +137,8 @@ def run(data: str, dtype_name: str, out: str | None, epochs: int | None = None) 
     images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
     correct = 0
     for i in range(0, len(labels), 200):
-      x = center(images[i:i + 200]) if images.shape[1] != size else normalize(jnp.asarray(images[i:i + 200]))
+      chunk = images[i:i + 200]
+      x = center(chunk) if images.shape[1] != size else normalize(jnp.asarray(chunk))
       n = x.shape[0]
       pad = (-n) % jax.device_count()
       batch = {"image": jnp.pad(x, ((0, pad), (0, 0), (0, 0), (0, 0))),
@@ -125,63 +147,85 @@ def run(data: str, dtype_name: str, out: str | None, epochs: int | None = None) 
       correct += float(jnp.sum(step(variables, batch)["correct1"]))
     return correct / len(labels)
 
-  def train(stage, teacher_logits=None):
-    model = models.create(stage.model, num_classes=num_classes, dtype=dtype, **schema.model_kwargs(stage))
+  def train(stage, role, teacher_logits=None):
+    """Trains one stage with jaxkd's `fit` (checkpoints in <workdir>/<role>), evaluation after."""
+    model = models.create(stage.model, num_classes=num_classes, dtype=dtype,
+                          **schema.model_kwargs(stage))
     bs = int(stage.batch_size)
     n = len(arrays["train_labels"])
     spe = n // bs
-    total = int(stage.epochs) * spe
+    epochs = int(stage.epochs)
+    total = epochs * spe
+    spec = FitSpec(total_steps=total, steps_per_epoch=spe, batch_size=bs, seed=seed,
+                   log_every_steps=int(stage.log_every_steps), keep_checkpoints=1, desc=role,
+                   progress=False, tensorboard=False)
     tx, schedule = optim.build_optimizer(stage.optimizer, total_steps=total, steps_per_epoch=spe)
     state = replicate(create_train_state(model, jax.random.key(seed), (1, size, size, 3), tx), mesh)
-    step_fn = make_train_step(model, dict(stage.loss), tx, mesh, learning_rate_fn=schedule)
+    loss = LossConfig.from_config(stage.loss, steps_per_epoch=spe)
+    step_fn = make_train_step(model, loss, tx, mesh, learning_rate_fn=schedule)
     images = jnp.asarray(arrays["train_images"])
     labels = jnp.asarray(arrays["train_labels"])
     logits = None if teacher_logits is None else jnp.asarray(teacher_logits)
-    rng = np.random.default_rng(seed)
-    key = jax.random.key(seed)
-    compiled_at = None
-    start = time.perf_counter()
-    for epoch in range(int(stage.epochs)):
-      order = rng.permutation(n)
-      for b in range(spe):
-        idx = jnp.asarray(order[b * bs:(b + 1) * bs])
-        key, sub = jax.random.split(key)
-        batch = {"image": augment(images[idx], sub), "label": labels[idx],
-                 "weight": jnp.ones((bs,), jnp.float32)}
-        if logits is not None:
-          batch["teacher_logits"] = logits[idx]
-        state, metrics = step_fn(state, batch)
-        if compiled_at is None:
-          jax.block_until_ready(metrics)
-          compiled_at = time.perf_counter()
-    jax.block_until_ready(state.params)
-    end = time.perf_counter()
-    images_per_s = (total - 1) * bs / (end - compiled_at)
-    return model, state.variables(), {"steps": total, "seconds": end - start,
-                                      "compile_and_first_step_s": compiled_at - start,
-                                      "train_images_per_s": images_per_s}
 
-  results = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(), "dtype": dtype_name}
-  t_model, t_vars, t_info = train(config.teacher)
-  results["teacher"] = {"model": config.teacher.model, **t_info,
-                        "val_top1": evaluate(t_model, t_vars, "val"), "test_top1": evaluate(t_model, t_vars, "test")}
+    def train_batches(start_step):
+      # Every step's permutation and key from the first: a resumed run sees the same batches.
+      rng = np.random.default_rng(seed)
+      key = jax.random.key(seed)
+      for epoch in range(epochs):
+        order = rng.permutation(n)
+        for b in range(spe):
+          key, sub = jax.random.split(key)
+          if epoch * spe + b < start_step:
+            continue
+          idx = jnp.asarray(order[b * bs:(b + 1) * bs])
+          batch = {"image": augment(images[idx], sub), "label": labels[idx],
+                   "weight": jnp.ones((bs,), jnp.float32)}
+          if logits is not None:
+            batch["teacher_logits"] = logits[idx]
+          yield batch
+
+    compiled_at = []
+
+    def timed_step(state, batch, teacher_variables=None):
+      out = step_fn(state, batch, teacher_variables)
+      if not compiled_at:
+        jax.block_until_ready(out[1])
+        compiled_at.append(time.perf_counter())
+      return out
+
+    start = time.perf_counter()
+    result = fit(state, timed_step, spec, stage_dir=pathlib.Path(workdir) / role,
+                 train_batches=train_batches)
+    jax.block_until_ready(result.state.params)
+    end = time.perf_counter()
+    info = {"steps": total, "seconds": end - start}
+    if compiled_at:  # trained in this call (not a finished stage of an earlier run)
+      info["compile_and_first_step_s"] = compiled_at[0] - start
+      info["train_images_per_s"] = (total - 1) * bs / (end - compiled_at[0])
+    return model, result.variables(), info
+
+  def accuracy(model, variables):
+    return {"val_top1": evaluate(model, variables, "val"),
+            "test_top1": evaluate(model, variables, "test")}
+
+  results = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
+             "dtype": dtype_name}
+  t_model, t_vars, t_info = train(config.teacher, "teacher")
+  results["teacher"] = {"model": config.teacher.model, **t_info, **accuracy(t_model, t_vars)}
   # Stored teacher logits: eval-mode logits on the train images' centre crops.
-  t_eval = make_eval_step(t_model, mesh)
+  t_logits = make_logits_fn(t_model, mesh)
   train_images = arrays["train_images"]
   stored = []
   for i in range(0, len(train_images), 200):
-    x = center(train_images[i:i + 200])
-    stored.append(np.asarray(t_eval(t_vars, {"image": x, "label": jnp.zeros((x.shape[0],), jnp.int32)})["logits"]))
+    stored.append(np.asarray(t_logits(t_vars, np.asarray(center(train_images[i:i + 200])))))
   stored = np.concatenate(stored)
-  s_model, s_vars, s_info = train(config.student, stored)
-  results["student_kd"] = {"model": config.student.model, **s_info,
-                           "val_top1": evaluate(s_model, s_vars, "val"), "test_top1": evaluate(s_model, s_vars, "test")}
+  s_model, s_vars, s_info = train(config.student, "student_kd", stored)
+  results["student_kd"] = {"model": config.student.model, **s_info, **accuracy(s_model, s_vars)}
   baseline = config.student
   baseline.loss.kind = "ce"
   baseline.loss.kd_alpha = None
-  b_model, b_vars, b_info = train(baseline)
-  results["student_ce"] = {"model": config.student.model, **b_info,
-                           "val_top1": evaluate(b_model, b_vars, "val"), "test_top1": evaluate(b_model, b_vars, "test")}
+  b_model, b_vars, b_info = train(baseline, "student_ce")
+  results["student_ce"] = {"model": config.student.model, **b_info, **accuracy(b_model, b_vars)}
   print(json.dumps(results, indent=2))
   if out:
     pathlib.Path(out).write_text(json.dumps(results, indent=2))
@@ -189,7 +233,8 @@ def run(data: str, dtype_name: str, out: str | None, epochs: int | None = None) 
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
   p = sub.add_parser("pack")
   p.add_argument("--manual-dir", default=str(ROOT.parent / "shared" / "data" / "food-101-mini"))
@@ -198,12 +243,15 @@ def main():
   r.add_argument("--data", required=True)
   r.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
   r.add_argument("--out", default=None)
-  r.add_argument("--epochs", type=int, default=None, help="override the config's epochs (smoke runs)")
+  r.add_argument("--epochs", type=int, default=None,
+                 help="override the config's epochs (smoke runs)")
+  r.add_argument("--workdir", default=None,
+                 help="checkpoints (default: a temporary folder; an existing one resumes)")
   args = parser.parse_args()
   if args.command == "pack":
     pack(args.manual_dir, args.out)
   else:
-    run(args.data, args.dtype, args.out, args.epochs)
+    run(args.data, args.dtype, args.out, args.epochs, args.workdir)
 
 
 if __name__ == "__main__":

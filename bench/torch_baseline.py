@@ -1,29 +1,36 @@
-"""PyTorch eager baseline for `bench/run.py`: the same model steps as the JAX rows, in plain PyTorch.
+"""PyTorch eager baseline for `bench/run.py`: the same model steps as the JAX rows, in plain
+PyTorch.
 
 Standalone on purpose (imports neither jax nor jaxkd): `bench/run.py` runs it as a subprocess with
-whichever interpreter has PyTorch (`--torch-python`), so the jaxkd environment never needs torch.
+whichever interpreter has PyTorch (`--torch-python` or the JAXKD_TORCH_PYTHON environment
+variable), so the jaxkd environment never needs torch.
 
-Rows (synthetic data on the device, fixed batch, warm-up steps first, then R repeats of N timed steps
-with one synchronisation after the last step of each; the median repeat is reported):
+Rows (synthetic data on the device, fixed batch, warm-up steps first, then R repeats of N timed
+steps with one synchronisation after the last step of each; the median repeat is reported):
 
 * ``student_kd``: MobileNetV3-Large (torchvision's model code) with ECA, the jaxkd student
   ``mobilenet_v3_large_eca``: torchvision's SE kept inside the blocks and one ECA module
   (Wang et al., CVPR 2020: x * sigmoid(conv1d_k(mean_hw(x))), k = odd(|log2 C + 1| / 2), no bias)
-  appended after the last layer of each of the five stages -- added here because torchvision has no
-  ECA. One training step of KD from stored logits, L = 0.5 CE + 0.5 T^2 KL(softmax(t/T) || softmax(s/T)),
-  T = 4 (Hinton et al. 2015; seed 000's loss), Adam (L2 weight decay 1e-4) + OneCycleLR, as
-  configs/food101_eca.py.
-* ``teacher_infer``: torchvision ResNet-50 forward in eval mode under ``torch.inference_mode`` (the
-  teacher-logit precompute).
-* ``teacher_train``: ResNet-50 training step, cross-entropy, Adam (weight decay 1e-4) + OneCycleLR.
+  appended after the last layer of each of the five stages -- added here because torchvision has
+  no ECA. One training step of KD from stored logits,
+  L = 0.5 CE + 0.5 T^2 KL(softmax(t/T) || softmax(s/T)), T = 4 (Hinton, Vinyals and Dean,
+  "Distilling the Knowledge in a Neural Network", arXiv:1503.02531, 2015; the loss of the
+  Food-101 KD + ECA manuscript, "A lightweight food image classification model based on knowledge
+  distillation and the ECA attention mechanism", in Chinese, which names no authors, venue or
+  year), Adam (L2 weight decay 1e-4) + OneCycleLR, as configs/food101_eca.py.
+* ``teacher_infer``: torchvision ResNet-50 forward in eval mode under ``torch.inference_mode``
+  (the teacher-logit precompute).
+* ``teacher_train``: ResNet-50 training step, cross-entropy, Adam (weight decay 1e-4) +
+  OneCycleLR.
 
 Precision: float32 on CPU (``torch.set_num_threads`` = cores available); on CUDA
-``torch.autocast(bfloat16)`` with channels_last tensors and cudnn.benchmark (the fair fast eager setting).
+``torch.autocast(bfloat16)`` with channels_last tensors and cudnn.benchmark (the fair fast eager
+setting).
 
-torchvision: imported normally when it loads; when its compiled extension does not match the installed
-torch (e.g. a CUDA torchvision wheel beside a CPU torch), only its pure-Python model definitions
-(``torchvision.models.mobilenetv3`` / ``resnet`` and what they import) are loaded, without running the
-package ``__init__`` that needs the extension; the JSON says which.
+torchvision: imported normally when it loads; when its compiled extension does not match the
+installed torch (e.g. a CUDA torchvision wheel beside a CPU torch), only its pure-Python model
+definitions (``torchvision.models.mobilenetv3`` / ``resnet`` and what they import) are loaded,
+without running the package ``__init__`` that needs the extension; the JSON says which.
 
     python bench/torch_baseline.py --batch-size 32 --image-size 224 --steps 3 --json-out rows.json
 """
@@ -40,7 +47,8 @@ import statistics
 import sys
 import time
 import types
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -62,12 +70,13 @@ def load_model_builders() -> tuple[Callable[..., nn.Module], Callable[..., nn.Mo
   try:
     import torchvision
     from torchvision.models import mobilenet_v3_large, resnet50
-    return mobilenet_v3_large, resnet50, f"torchvision {torchvision.__version__} (imported normally)"
+    return (mobilenet_v3_large, resnet50,
+            f"torchvision {torchvision.__version__} (imported normally)")
   except (ImportError, OSError, RuntimeError) as e:
     first_error = f"{type(e).__name__}: {e}"
-  # The package __init__ failed (its compiled ops do not load against this torch). Load only the model
-  # definition files: stub the packages torchvision, torchvision.models and torchvision.ops so that
-  # their __init__ (which registers the compiled ops) is not executed.
+  # The package __init__ failed (its compiled ops do not load against this torch). Load only the
+  # model definition files: stub the packages torchvision, torchvision.models and torchvision.ops
+  # so that their __init__ (which registers the compiled ops) is not executed.
   for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
     del sys.modules[name]
   spec = importlib.util.find_spec("torchvision")
@@ -96,7 +105,8 @@ def eca_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:
 
 
 class ECA(nn.Module):
-  """Efficient Channel Attention (Wang et al., CVPR 2020) on NCHW: x * sigmoid(conv1d_k(mean_hw(x)))."""
+  """Efficient Channel Attention (Wang et al., "ECA-Net: Efficient Channel Attention for Deep
+  Convolutional Neural Networks", CVPR 2020) on NCHW: x * sigmoid(conv1d_k(mean_hw(x)))."""
 
   def __init__(self, channels: int):
     super().__init__()
@@ -136,8 +146,9 @@ def _rss_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def run(*, rows: Sequence[str] = ROWS, batch_size: int = 32, image_size: int = 224, num_classes: int = 101,
-        steps: int = 3, warmup: int = 1, repeats: int = 1, precision: str = "auto", threads: Optional[int] = None,
+def run(*, rows: Sequence[str] = ROWS, batch_size: int = 32, image_size: int = 224,
+        num_classes: int = 101, steps: int = 3, warmup: int = 1, repeats: int = 1,
+        precision: str = "auto", threads: int | None = None,
         verbose: bool = True) -> dict[str, Any]:
   """Times the rows; returns {'rows': [...], 'torch': version, ...} (see the module docstring)."""
   unknown = set(rows) - set(ROWS)
@@ -250,15 +261,17 @@ def run(*, rows: Sequence[str] = ROWS, batch_size: int = 32, image_size: int = 2
       result["eca_channels"] = model.eca_channels
     results.append(result)
     if verbose:
-      print(f"  torch {row:14s} {result['step_ms']:9.1f} ms/step {result['images_per_s']:9.1f} img/s",
-            flush=True)
+      print(f"  torch {row:14s} {result['step_ms']:9.1f} ms/step "
+            f"{result['images_per_s']:9.1f} img/s", flush=True)
     del model, fn
 
   return {
-      "rows": results, "torch": torch.__version__, "torchvision": tv_source, "python": sys.executable,
+      "rows": results, "torch": torch.__version__, "torchvision": tv_source,
+      "python": sys.executable,
       "python_version": sys.version.split()[0],
       "device": torch.cuda.get_device_name(0) if cuda else "cpu",
-      "precision": (f"{precision}" + (" autocast + channels_last, cudnn.benchmark" if cuda and amp else "")
+      "precision": (f"{precision}"
+                    + (" autocast + channels_last, cudnn.benchmark" if cuda and amp else "")
                     + ("" if cuda else f", {threads} threads")),
       "threads": None if cuda else threads,
       "batch_size": batch_size, "image_size": image_size, "num_classes": num_classes,
@@ -266,7 +279,7 @@ def run(*, rows: Sequence[str] = ROWS, batch_size: int = 32, image_size: int = 2
   }
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {ROWS}")
   parser.add_argument("--batch-size", type=int, default=32)
@@ -274,15 +287,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   parser.add_argument("--num-classes", type=int, default=101)
   parser.add_argument("--steps", type=int, default=3, help="timed steps")
   parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-  parser.add_argument("--repeats", type=int, default=1, help="timed repeats; the median is reported")
+  parser.add_argument("--repeats", type=int, default=1,
+                      help="timed repeats; the median is reported")
   parser.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"),
                       help="auto: bfloat16 autocast on CUDA, float32 on CPU")
-  parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: cores available)")
+  parser.add_argument("--threads", type=int, default=None,
+                      help="CPU threads (default: cores available)")
   parser.add_argument("--json-out", default=None, help="write the result as JSON here")
   args = parser.parse_args(argv)
   result = run(rows=[r for r in args.rows.split(",") if r], batch_size=args.batch_size,
                image_size=args.image_size, num_classes=args.num_classes, steps=args.steps,
-               warmup=args.warmup, repeats=args.repeats, precision=args.precision, threads=args.threads)
+               warmup=args.warmup, repeats=args.repeats, precision=args.precision,
+               threads=args.threads)
   if args.json_out:
     with open(args.json_out, "w") as f:
       json.dump(result, f, indent=1)

@@ -11,7 +11,9 @@ jax.distributed.initialize().
 
 Errors in the command line, the config or the data print one line
 (``config error: ...``, ``data error: ...``, ``usage error: ...``) and exit
-with code 2; Ctrl-C exits with code 130.
+with code 2; Ctrl-C exits with code 130; a training loss that became NaN or
+infinite prints ``training error: ...`` and exits with code 1. Only this module
+decides exit codes: the library raises.
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ import os
 import re
 import signal
 import sys
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from absl import flags, logging
 from ml_collections import config_flags
@@ -229,7 +232,7 @@ def _loaded_class(module: str, name: str) -> type:
   return getattr(sys.modules.get(module), name, type(None))
 
 
-def _pipeline_error(e: BaseException) -> Optional[tuple[str, str, int]]:
+def _pipeline_error(e: BaseException) -> tuple[str, str, int] | None:
   """(label, message, exit code) for the pipeline's own error types, None for any other."""
   if isinstance(e, _loaded_class("jaxkd.data.user_folders", "DataError")):
     return "data error", str(e), 2
@@ -238,7 +241,12 @@ def _pipeline_error(e: BaseException) -> Optional[tuple[str, str, int]]:
   if isinstance(e, _loaded_class("jaxkd.train.checkpoint", "StopRequested")):
     # SIGINT / SIGTERM: the stage saved its work at a safe point. Ctrl-C exits 130 (the shell's
     # convention); SIGTERM (a scheduler's preemption) exits 0 so the job counts as stopped cleanly.
-    return "stopped", f"{e}. Rerun the same command to resume.", 130 if e.signum == signal.SIGINT else 0
+    code = 130 if e.signum == signal.SIGINT else 0
+    return "stopped", f"{e}. Rerun the same command to resume.", code
+  if isinstance(e, _loaded_class("jaxkd.train.loop", "NonFiniteLossError")):
+    # The loss diverged: the message names the step, the value and what to try. Not a mistake in
+    # the command line (2), a run that failed (1).
+    return "training error", str(e), 1
   return None
 
 
@@ -268,11 +276,12 @@ def _fail(kind: str, message: Any, code: int = 2) -> None:
   raise SystemExit(code)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
   """Runs the command line `argv` (the arguments after the program name; default sys.argv[1:]).
 
-  Exits with SystemExit(2) after one line on stderr for a usage, config or data error,
-  SystemExit(130) on Ctrl-C; returns normally on success.
+  Exits with SystemExit(2) after one line on stderr for a usage, config, data or store error,
+  SystemExit(130) on Ctrl-C (0 after SIGTERM), SystemExit(1) for a NaN/Inf training loss;
+  returns normally on success.
   """
   prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "jaxkd"
   args = list(sys.argv[1:] if argv is None else argv)

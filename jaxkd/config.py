@@ -33,7 +33,8 @@ import math
 import os
 import pathlib
 import traceback
-from typing import Any, Iterable, Mapping, Optional
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import ml_collections
 from ml_collections.config_dict import placeholder
@@ -86,8 +87,8 @@ class Key:
   bounds: str = ""
   optional: bool = False
   schedule: bool = False
-  item: Optional[str] = None
-  length: Optional[int] = None
+  item: str | None = None
+  length: int | None = None
   result: bool = True
   strict: bool = True
 
@@ -305,6 +306,9 @@ _STAGE = [
     _k("eval_every_epochs", "int", 1,
        "validation interval during training (the curves in the report)", "epochs",
        bounds="> 0"),
+    _k("handoff", "str", "last",
+       "the variables the stage hands on (next stage, evaluation, report): the last step's, or "
+       "those of the checkpoint with the best val top-1", choices=("last", "best")),
 ]
 _STAGE_DEFAULTS = {"teacher": {"model": "resnet50", "epochs": 3},
                    "student": {"model": "mobilenet_v3_large", "epochs": 20}}
@@ -379,7 +383,7 @@ def _strip(path: str) -> str:
   return path[len("config."):] if path.startswith("config.") else path
 
 
-def lookup(path: str) -> Optional[Key]:
+def lookup(path: str) -> Key | None:
   """The Key at `path` ('student.epochs' or 'config.student.epochs'), or None for groups/unknown."""
   return SCHEMA.get(_strip(path))
 
@@ -403,7 +407,7 @@ def default(path: str) -> Any:
   return key.default
 
 
-def suggest(path: str) -> Optional[str]:
+def suggest(path: str) -> str | None:
   """The known key closest to a misspelled `path`, or None."""
   path = _strip(path)
   candidates = sorted(set(SCHEMA) | _GROUPS)
@@ -642,7 +646,7 @@ def model_kwargs(stage_config: Any) -> dict:
   return {k: v for k, v in dict(kwargs or {}).items() if v is not None}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def model_options(model: str) -> tuple[str, ...]:
   """The model_kwargs options `jaxkd.models.create(model, ...)` takes (asked of its factory)."""
   from jaxkd import models
@@ -755,12 +759,11 @@ def compute_dtype(config) -> Any:
 
 
 def _finished_workdir(path: str) -> bool:
-  """Whether `path` is a workdir with a finished teacher (as jaxkd.experiment defines it)."""
+  """Whether `path` is a workdir with a finished teacher (jaxkd.workdir defines the layout)."""
   if not pathlib.Path(os.path.expanduser(path)).is_dir():
     return False
-  from jaxkd import experiment
-  finished = getattr(experiment, "finished_workdir_teacher", None)
-  return finished is not None and finished(path) is not None
+  from jaxkd.workdir import finished_workdir_teacher
+  return finished_workdir_teacher(path) is not None
 
 
 def _validate_model(stage_config, where: str) -> None:
@@ -785,9 +788,9 @@ def _validate_stage(stage_config, where: str, num_devices: int) -> None:
   if bs <= 0 or bs % num_devices:
     raise ConfigError(f"{where}.batch_size={bs} must be a positive multiple of the {num_devices} "
                       f"devices (global batch, split over the 'data' mesh axis)")
-  if float(stage_config.optimizer.get("learning_rate", 1e-3)) <= 0:
-    raise ConfigError(f"{where}.optimizer.learning_rate={stage_config.optimizer.learning_rate} "
-                      "must be > 0")
+  if stage_config.get("handoff") == "best" and int(stage_config.epochs) == 0:
+    raise ConfigError(f"{where}.handoff='best' with {where}.epochs=0: the stage trains no "
+                      "checkpoint to choose from; use 'last' (the imported weights as they are)")
   try:
     loss_config = LossConfig.from_config(stage_config.loss)
   except (ValueError, TypeError) as e:
@@ -797,7 +800,7 @@ def _validate_stage(stage_config, where: str, num_devices: int) -> None:
     raise ConfigError(f"{where}.loss.temperature={t} must be > 0")
 
 
-def validate(config, *, num_devices: Optional[int] = None) -> None:
+def validate(config, *, num_devices: int | None = None) -> None:
   """Checks everything that can be checked without compute; raises ConfigError naming the key.
 
   `check_values` (unknown keys with a did-you-mean, types, choices, ranges), then the
@@ -806,6 +809,7 @@ def validate(config, *, num_devices: Optional[int] = None) -> None:
   files that must exist.
   """
   import jax
+
   from jaxkd.train.step import LossConfig
   check_values(config)
   num_devices = num_devices or jax.device_count()
@@ -829,7 +833,7 @@ def validate(config, *, num_devices: Optional[int] = None) -> None:
     _validate_stage(config.teacher, "config.teacher", num_devices)
   if config.student.enabled:
     _validate_stage(config.student, "config.student", num_devices)
-    source = config.student.get("teacher", "stored")
+    source = config.student.teacher
     loss_config = LossConfig.from_config(config.student.loss)
     if loss_config.needs_teacher:
       if source == "none":
@@ -859,9 +863,10 @@ def validate(config, *, num_devices: Optional[int] = None) -> None:
     if not path or (role == "teacher" and _finished_workdir(path)):
       continue
     if pathlib.Path(os.path.expanduser(path)).is_dir():
-      raise ConfigError(f"config.{role}.pretrained={path!r} is a folder but not a jaxkd workdir with a "
-                        "finished teacher (<workdir>/stages/teacher.json); give a checkpoint file, "
-                        "'torchvision[:WEIGHTS]', or a finished workdir for the teacher")
+      raise ConfigError(f"config.{role}.pretrained={path!r} is a folder but not a jaxkd workdir "
+                        "with a finished teacher (<workdir>/stages/teacher.json); give a "
+                        "checkpoint file, 'torchvision[:WEIGHTS]', or a finished workdir for the "
+                        "teacher")
     try:
       convert.check_pretrained_readable(path, config[role].model)
     except ValueError as e:

@@ -1,21 +1,29 @@
 """An experiment = the stages of the distillation pipeline, run in order inside one workdir.
 
-    teacher          train or fine-tune the teacher (from imported weights or another workdir's teacher)
-    teacher_logits   precompute the teacher's logits into the store (beside the data, or
-                     config.teacher_logits.store_dir)
-    student          distill the student (from stored logits, an online teacher, or CE only)
-    evaluate         teacher and student on val and test (val only when the data has no test split)
-    report           report.md / report.json (parameters, MACs, accuracy) and plots
+The stages are functions, in the order the data flows through them:
 
-`run(config, workdir)` runs the stages not yet done and skips finished ones
-(each leaves `<workdir>/stages/<stage>.json`), so a rerun of a finished
-experiment only prints its report, and a killed run resumes where it stopped.
-The config is checked before any compute (`validate`); the config of the first
-run is kept in `<workdir>/config.json`, and a rerun whose config would change a
-result is refused, naming the keys (keys that change no result, such as batch
-sizes of evaluation or logging, are accepted); the data's identity (its folder
-fingerprint) is kept in `dataset.json` and must not change either. SIGINT and
-SIGTERM stop at the next safe point with the work saved (`StopRequested`).
+    _teacher          train or fine-tune the teacher (from imported weights or another
+                      workdir's teacher), or take imported weights as they are (epochs=0)
+    _teacher_logits   precompute the teacher's logits into the store (beside the data, or
+                      config.teacher_logits.store_dir) when the student learns from stored logits
+    _student          distill the student (from stored logits, an online teacher, or CE only)
+    _evaluate         teacher and student on val and test (val only when the data has no test
+                      split)
+    _report           report.md / report.json (parameters, MACs, accuracy) and plots
+
+Each hands its result to the next: the teacher's (model, variables), the teacher-logit store, the
+student's (model, variables), the evaluation results. A training stage hands on the variables of
+its last step or, with ``<role>.handoff='best'``, those of its checkpoint with the best val top-1.
+
+`run(config, workdir)` runs the stages not yet done and skips finished ones (each leaves
+``<workdir>/stages/<stage>.json``; the layout is jaxkd.workdir's), so a rerun of a finished
+experiment only prints its report, and a killed run resumes where it stopped. The config is
+checked before any compute (`validate`); the config of the first run is kept in
+``<workdir>/config.json``, and a rerun whose config would change a result is refused, naming the
+keys (keys that change no result, such as batch sizes of evaluation or logging, are accepted);
+the data's identity (its folder fingerprint) is kept in ``dataset.json`` and must not change
+either. SIGINT and SIGTERM stop at the next safe point with the work saved (`StopRequested`).
+Each model is built once per run.
 """
 from __future__ import annotations
 
@@ -23,8 +31,7 @@ import dataclasses
 import json
 import os
 import pathlib
-import time
-from typing import Any, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,188 +42,25 @@ from jaxkd import models
 from jaxkd.config import ConfigError, compute_dtype, validate
 from jaxkd.train.state import replicate
 from jaxkd.train.step import LossConfig
+from jaxkd.workdir import (
+  Workdir,
+  check_reusable_teacher,
+  data_splits,
+  finished_workdir_teacher,
+  restore_variables,
+  variables_dir,
+  write_json,
+)
 
-__all__ = ["STAGES", "run", "validate", "compute_dtype", "ConfigError"]
+__all__ = ["STAGES", "Trained", "run", "validate", "compute_dtype", "ConfigError"]
 
 STAGES = ("teacher", "teacher_logits", "student", "evaluate", "report")
 
 
-# ----------------------------------------------------------------------------- workdir bookkeeping
-
-
-def _config_json(config) -> dict:
-  return json.loads(config.to_json_best_effort(sort_keys=True))
-
-
-def _changes_result(key: str) -> bool:
-  # The folder given as data.manual_dir is compared by what it holds (the dataset fingerprint in
-  # dataset.json, see Workdir.check_dataset), not by its path.
-  return key != "data.manual_dir" and schema.changes_result(key)
-
-
-def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
-  """(result-changing, harmless) differences between two configs, as 'key: old -> new' lines."""
-  a, b = schema.flatten(saved), schema.flatten(current)
-  changing, harmless = [], []
-  for key in sorted(set(a) | set(b)):
-    old, new = a.get(key, "<missing>"), b.get(key, "<missing>")
-    if old != new:
-      (changing if _changes_result(key) else harmless).append(f"{key}: {old!r} -> {new!r}")
-  return changing, harmless
-
-
-class Workdir:
-  def __init__(self, path: pathlib.Path):
-    self.path = pathlib.Path(path)
-    self.path.mkdir(parents=True, exist_ok=True)
-    (self.path / "stages").mkdir(exist_ok=True)
-
-  def done(self, stage: str) -> Optional[dict]:
-    marker = self.path / "stages" / f"{stage}.json"
-    return json.loads(marker.read_text()) if marker.exists() else None
-
-  def mark(self, stage: str, info: dict) -> None:
-    if jax.process_index() != 0:
-      return
-    marker = self.path / "stages" / f"{stage}.json"
-    _write_json(marker, {"stage": stage, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info})
-
-  def check_config(self, config) -> list[str]:
-    """Refuses a config whose results would differ from the first run's; returns the harmless changes."""
-    saved = self.path / "config.json"
-    current = _config_json(config)
-    if not saved.exists():
-      if jax.process_index() == 0:
-        _write_json(saved, current)
-      return []
-    saved_config = schema.fill_defaults(ml_collections.ConfigDict(json.loads(saved.read_text())))
-    changing, harmless = config_changes(_config_json(saved_config), current)
-    if changing:
-      reuse = ""
-      if self.done("teacher") and (self.path / "teacher" / "final_variables").exists():
-        reuse = (f"; to reuse its finished teacher there, add --config.teacher.pretrained={self.path} "
-                 "--config.teacher.epochs=0")
-      raise ConfigError(f"{self.path} holds a run whose results this config would change ("
-                        + "; ".join(f"config.{c}" for c in changing)
-                        + f"): use a new --workdir for a new experiment{reuse}")
-    return harmless
-
-  def check_dataset(self, source) -> None:
-    """The data a workdir was made with must not change under it (a different or edited folder)."""
-    path = self.path / "dataset.json"
-    current = _dataset_identity(source)
-    if not path.exists():
-      if jax.process_index() == 0:
-        _write_json(path, current)
-      return
-    saved = json.loads(path.read_text())
-    changed = [k for k in ("name", "version", "num_classes", "num_examples") if saved.get(k) != current.get(k)]
-    if changed:
-      what = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
-      raise ConfigError(f"the data differs from the data {self.path} was made with ({what}): the folder "
-                        "was changed or another one given; use a new --workdir for the new data")
-
-
-def _write_json(path: pathlib.Path, obj) -> None:
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-  os.replace(tmp, path)
-
-
-def _data_splits(source) -> list[str]:
-  """The evaluation splits the data has: train, val, and test unless it has no test split."""
-  return [s for s in ("train", "val", "test") if s in source.splits]
-
-
-def _dataset_identity(source) -> dict:
-  return {"name": source.name, "version": source.version, "num_classes": source.num_classes,
-          "num_examples": {s: source.num_examples(s) for s in _data_splits(source)}}
-
-
-# ----------------------------------------------------------------------------- stages
-
-
-def _log(msg: str) -> None:
-  if jax.process_index() == 0:
-    print(f"[jaxkd] {msg}", flush=True)
-
-
-def _image_size(config) -> int:
-  return int(config.augment.image_size)
-
-
-def _variables_dir(workdir: pathlib.Path, role: str) -> pathlib.Path:
-  return pathlib.Path(workdir) / role / "final_variables"
-
-
-def _save_variables(path: pathlib.Path, variables) -> None:
-  import orbax.checkpoint as ocp
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(path.resolve(), jax.device_get(variables), force=True)
-
-
-def _load_variables(path: pathlib.Path, model, image_size: int):
-  import orbax.checkpoint as ocp
-  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)),
-                                               train=False))
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), dict(abstract))
-  with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(path.resolve(), abstract)
-
-
-def finished_workdir_teacher(path: str) -> Optional[pathlib.Path]:
-  """The workdir folder when `path` is a jaxkd workdir with a finished teacher stage, else None."""
-  p = pathlib.Path(os.path.expanduser(path))
-  if p.is_dir() and (p / "stages" / "teacher.json").is_file() and _variables_dir(p, "teacher").is_dir():
-    return p
-  return None
-
-
-def _workdir_teacher_variables(ctx: "_Context", old: pathlib.Path, model):
-  """The teacher of a finished workdir, for reuse in this one (same model and classes, else an error)."""
-  old_config = json.loads((old / "config.json").read_text())
-  stage = ctx.config.teacher
-  want = {"model": stage.model, "model_kwargs": schema.model_kwargs(stage)}
-  have = {"model": old_config["teacher"]["model"], "model_kwargs": schema.model_kwargs(old_config["teacher"])}
-  if want != have:
-    raise ConfigError(f"config.teacher.pretrained={str(old)!r}: that workdir's teacher is {have}, this config "
-                      f"asks for {want}; set --config.teacher.model (and model_kwargs) to match")
-  old_data = old / "dataset.json"
-  if old_data.exists():
-    classes = json.loads(old_data.read_text())["num_classes"]
-    if classes != ctx.source.num_classes:
-      raise ConfigError(f"config.teacher.pretrained={str(old)!r}: that teacher has {classes} classes, the data "
-                        f"has {ctx.source.num_classes}; reuse a teacher trained on the same classes")
-  _log(f"teacher: reusing the finished teacher of {old}")
-  return _load_variables(_variables_dir(old, "teacher"), model, _image_size(ctx.config))
-
-
-def _pretrained_variables(ctx: "_Context", role: str, model):
-  """Variables from config.<role>.pretrained (a checkpoint file, 'torchvision[:WEIGHTS]' or, for the
-  teacher, a finished jaxkd workdir), or None."""
-  stage = ctx.config[role]
-  path = stage.get("pretrained")
-  if not path:
-    return None
-  old = finished_workdir_teacher(path)
-  if old is not None:
-    if role != "teacher":
-      raise ConfigError(f"config.{role}.pretrained={path!r} is a workdir: only the teacher can be reused that way")
-    return _workdir_teacher_variables(ctx, old, model)
-  _log(f"{role}: importing pretrained weights from {path}")
-  return models.load_pretrained(stage.model, path if path.startswith("torchvision") else os.path.expanduser(path),
-                                num_classes=ctx.source.num_classes, model_kwargs=schema.model_kwargs(stage))
-
-
-def _create(stage, num_classes: int, dtype):
-  return models.create(stage.model, num_classes=num_classes, dtype=dtype, **schema.model_kwargs(stage))
-
-
-def _preprocessing(config) -> dict:
-  from jaxkd.data import AugmentConfig
-  aug = AugmentConfig.from_mapping(config.augment)
-  return {"image_size": aug.image_size, "eval_crop_fraction": aug.eval_crop_fraction,
-          "antialias": aug.antialias, "normalization": "imagenet_mean_std"}
+class Trained(NamedTuple):
+  """What a model stage hands on: the model (built once per run) and its variables."""
+  model: Any
+  variables: Any
 
 
 @dataclasses.dataclass
@@ -225,9 +69,13 @@ class _Context:
   workdir: Workdir
   source: Any
   mesh: Any
-  dtype: Any
+  models: dict  # role -> the model, built once per run
   stop: Any  # PreemptionFlag: SIGINT / SIGTERM asked to stop at the next safe point
   progress: bool
+
+  @property
+  def image_size(self) -> int:
+    return int(self.config.augment.image_size)
 
   def check_stop(self, where: str) -> None:
     from jaxkd.train.checkpoint import StopRequested
@@ -238,62 +86,198 @@ class _Context:
     return [s for s in self.config.evaluate.splits if s in self.source.splits]
 
 
-def _steps_text(ctx: _Context, stage) -> str:
+def _log(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(f"[jaxkd] {msg}", flush=True)
+
+
+def _skip(wd: Workdir, stage: str, why: str) -> None:
+  if not wd.done(stage):
+    wd.mark(stage, {"skipped": why})
+
+
+def _teacher_source(config) -> str:
+  """Where the student's teacher logits come from: 'stored', 'online', or 'none' (CE only)."""
+  loss = LossConfig.from_config(config.student.loss)
+  return config.student.teacher if loss.needs_teacher else "none"
+
+
+def _eval_split(source) -> str | None:
+  """The split evaluated during training (the curves and the best checkpoint)."""
+  return "val" if "val" in source.splits else None
+
+
+def _steps_per_epoch(source, stage) -> int:
   from jaxkd.data import pipeline
-  spe = pipeline.steps_per_epoch(ctx.source, "train", global_batch_size=int(stage.batch_size))
+  return pipeline.steps_per_epoch(source, "train", global_batch_size=int(stage.batch_size))
+
+
+def _steps_text(source, stage) -> str:
+  spe = _steps_per_epoch(source, stage)
   total = int(stage.epochs) * spe
-  cap = stage.get("max_steps")
+  cap = stage.max_steps
   if cap and int(cap) < total:
-    return f"{int(cap)} steps (max_steps; {stage.epochs} epochs would be {total} steps of {spe} per epoch)"
+    return (f"{int(cap)} steps (max_steps; {stage.epochs} epochs would be {total} steps of {spe} "
+            "per epoch)")
   return f"{stage.epochs} epochs ({total} steps of batch {stage.batch_size})"
 
 
-def _train_stage(ctx: _Context, role: str, model, *, teacher_model=None, teacher_variables=None,
-                 teacher_lookup=None, init_variables=None):
-  from jaxkd.train.checkpoint import StopRequested
-  from jaxkd.train.loop import fit
+def _pretrained_variables(ctx: _Context, role: str, model):
+  """Variables from config.<role>.pretrained (a checkpoint file, 'torchvision[:WEIGHTS]' or, for
+  the teacher, a finished jaxkd workdir), or None."""
   stage = ctx.config[role]
-  eval_split = "val" if "val" in ctx.source.splits else None
-  result = fit(model=model, stage_config=stage, source=ctx.source, augment=dict(ctx.config.augment),
-               mesh=ctx.mesh, stage_dir=ctx.workdir.path / role, seed=int(ctx.config.seed),
-               image_size=_image_size(ctx.config), teacher_model=teacher_model,
-               teacher_variables=teacher_variables, teacher_lookup=teacher_lookup, init_variables=init_variables,
-               eval_split=eval_split, eval_batch_size=int(ctx.config.evaluate.batch_size), preemption=ctx.stop,
-               num_parallel_calls=ctx.config.data.get("num_parallel_calls"), progress=ctx.progress, desc=role)
-  if result.preempted:
-    raise StopRequested(ctx.stop.signum, f"during {role} training at step {result.steps}; checkpoint saved")
-  variables = result.state.variables()
-  _save_variables(_variables_dir(ctx.workdir.path, role), variables)
-  ctx.workdir.mark(role, {"steps": result.steps, "val": None if result.val is None else
-                          {k: result.val[k] for k in ("top1", "top5", "loss", "num_examples")}})
+  path = stage.pretrained
+  if not path:
+    return None
+  old = finished_workdir_teacher(path)
+  if old is not None:
+    if role != "teacher":
+      raise ConfigError(f"config.{role}.pretrained={path!r} is a workdir: only the teacher can be "
+                        "reused that way")
+    check_reusable_teacher(old, stage, ctx.source.num_classes)
+    _log(f"teacher: reusing the finished teacher of {old}")
+    return restore_variables(variables_dir(old, "teacher"), model, ctx.image_size)
+  _log(f"{role}: importing pretrained weights from {path}")
+  return models.load_pretrained(
+      stage.model, path if path.startswith("torchvision") else os.path.expanduser(path),
+      num_classes=ctx.source.num_classes, model_kwargs=schema.model_kwargs(stage))
+
+
+def _summary(result: dict | None) -> dict | None:
+  """top1, top5, loss, num_examples of an evaluation, for a stage marker."""
+  from jaxkd.train.report import SUMMARY_FIELDS
+  if result is None:
+    return None
+  return {k: int(result[k]) if k == "num_examples" else float(result[k])
+          for k in SUMMARY_FIELDS if k in result}
+
+
+def _train(ctx: _Context, role: str, model, *, init_variables=None,
+           online_teacher: Trained | None = None, store=None):
+  """Trains `model` as stage `role`, saves the variables it hands on and marks the stage; returns
+  those variables.
+
+  Builds what jaxkd.train.loop.fit runs: the train state (initialised from `seed`, then the
+  pretrained variables, replicated on the mesh), the optimizer and its schedule, the train step,
+  the training batches from any step (tf.data; the stored teacher logits joined by key), and the
+  evaluation on val.
+  """
+  from jaxkd.data import pipeline
+  from jaxkd.train import evaluate as evaluate_lib
+  from jaxkd.train import optim
+  from jaxkd.train.loop import FitSpec, fit
+  from jaxkd.train.state import create_train_state
+  from jaxkd.train.step import make_eval_step, make_train_step
+
+  config, source, mesh = ctx.config, ctx.source, ctx.mesh
+  stage = config[role]
+  seed = int(config.seed)
+  batch_size = int(stage.batch_size)
+  steps_per_epoch = _steps_per_epoch(source, stage)
+  spec = FitSpec.from_config(stage, steps_per_epoch=steps_per_epoch, seed=seed, desc=role,
+                             progress=ctx.progress)
+  tx, schedule = optim.build_optimizer(stage.optimizer, total_steps=max(spec.total_steps, 1),
+                                       steps_per_epoch=steps_per_epoch)
+
+  size = ctx.image_size
+  state = create_train_state(model, jax.random.key(seed), (1, size, size, 3), tx)
+  if init_variables is not None:
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), init_variables["params"])
+    stats = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32),
+                         init_variables.get("batch_stats", {}))
+    state = state.replace(params=params, batch_stats=stats, opt_state=tx.init(params))
+  state = replicate(state, mesh)
+
+  # warmup_epochs (DKD's warm-up in epochs) becomes steps of this stage's epochs.
+  loss_config = LossConfig.from_config(stage.loss, steps_per_epoch=steps_per_epoch)
+  train_step = make_train_step(model, loss_config, tx, mesh, learning_rate_fn=schedule,
+                               teacher_model=None if online_teacher is None
+                               else online_teacher.model)
+  needs_teacher = train_step.loss_config.needs_teacher
+  if needs_teacher and online_teacher is None and store is None:
+    raise ValueError(f"{role}: loss {train_step.loss_config.kind!r} needs a teacher: stored "
+                     "logits or an online teacher")
+  lookup = None
+  if needs_teacher and online_teacher is None:
+    from jaxkd.data.teacher_logits import tf_lookup
+    lookup = tf_lookup(store)
+  augment = dict(config.augment)
+  num_parallel_calls = config.data.num_parallel_calls
+
+  def train_batches(start_step: int):
+    return pipeline.train_batches(
+        source, "train", global_batch_size=batch_size, mesh=mesh, augment=augment,
+        image_size=size, seed=seed, start_step=start_step, num_parallel_calls=num_parallel_calls,
+        teacher_lookup=lookup)
+
+  evaluate = None
+  split = _eval_split(source)
+  if split is not None:
+    eval_step = make_eval_step(model, mesh)
+    eval_batch_size = int(config.evaluate.batch_size)
+
+    def evaluate(variables):
+      batches = pipeline.eval_batches(source, split, global_batch_size=eval_batch_size,
+                                      augment=augment, image_size=size, mesh=mesh,
+                                      num_parallel_calls=num_parallel_calls)
+      total = pipeline.num_eval_batches(source, split, global_batch_size=eval_batch_size)
+      return evaluate_lib.evaluate(eval_step, variables, batches, num_classes=source.num_classes,
+                                   total=total, desc=f"{role} eval {split}",
+                                   progress=ctx.progress)
+
+  result = fit(state, train_step, spec, stage_dir=ctx.workdir.path / role,
+               train_batches=train_batches, evaluate=evaluate,
+               teacher_variables=None if online_teacher is None
+               else replicate(online_teacher.variables, mesh),
+               stop=ctx.stop)
+  which = stage.handoff
+  variables = result.variables(which)
+  ctx.workdir.save_variables(role, variables)
+  ctx.workdir.mark(role, {"steps": result.steps, "val": _summary(result.val),
+                          "best_val": _summary(result.best_val), "best_step": result.best_step,
+                          "handoff": which})
   return variables
 
 
-def _teacher(ctx: _Context):
-  """Returns (teacher_model, teacher_variables), training/fine-tuning or loading as needed."""
-  stage = ctx.config.teacher
-  model = _create(stage, ctx.source.num_classes, ctx.dtype)
-  if ctx.workdir.done("teacher"):
-    return model, _load_variables(_variables_dir(ctx.workdir.path, "teacher"), model, _image_size(ctx.config))
+# ----------------------------------------------------------------------------- the stages
+
+
+def _teacher(ctx: _Context) -> Trained | None:
+  """Stage 1: the teacher, trained or fine-tuned, imported as it is (epochs=0), or loaded when
+  finished; None when config.teacher.enabled is False."""
+  wd, stage = ctx.workdir, ctx.config.teacher
+  if not stage.enabled:
+    _skip(wd, "teacher", "config.teacher.enabled is False")
+    return None
+  model = ctx.models["teacher"]
+  if wd.done("teacher"):
+    return Trained(model, wd.load_variables("teacher", model, ctx.image_size))
   init = _pretrained_variables(ctx, "teacher", model)
   if int(stage.epochs) == 0:
-    _save_variables(_variables_dir(ctx.workdir.path, "teacher"), init)
-    ctx.workdir.mark("teacher", {"steps": 0, "val": None, "pretrained": stage.pretrained})
-    return model, init
-  _log(f"teacher: training {stage.model} for {_steps_text(ctx, stage)}")
-  return model, _train_stage(ctx, "teacher", model, init_variables=init)
+    wd.save_variables("teacher", init)
+    wd.mark("teacher", {"steps": 0, "val": None, "pretrained": stage.pretrained})
+    return Trained(model, init)
+  _log(f"teacher: training {stage.model} for {_steps_text(ctx.source, stage)}")
+  return Trained(model, _train(ctx, "teacher", model, init_variables=init))
 
 
 def _store_root(ctx: _Context) -> pathlib.Path:
   """Where teacher-logit stores live: config.teacher_logits.store_dir, else next to the data."""
-  chosen = ctx.config.teacher_logits.get("store_dir")
+  chosen = ctx.config.teacher_logits.store_dir
   if chosen:
     return pathlib.Path(os.path.expanduser(chosen))
   builder = getattr(ctx.source, "builder", None)
   if builder is not None:
     return pathlib.Path(os.fspath(builder.data_dir_root))
   from jaxkd.data.user_folders import default_data_dir
-  return default_data_dir(ctx.config.data.get("data_dir"))
+  return default_data_dir(ctx.config.data.data_dir)
+
+
+def _preprocessing(config) -> dict:
+  from jaxkd.data import AugmentConfig
+  aug = AugmentConfig.from_mapping(config.augment)
+  return {"image_size": aug.image_size, "eval_crop_fraction": aug.eval_crop_fraction,
+          "antialias": aug.antialias, "normalization": "imagenet_mean_std"}
 
 
 def _needs_store(config) -> bool:
@@ -306,61 +290,98 @@ def _check_store_writable(ctx: _Context) -> None:
 
   from jaxkd import teacher_store
   base = teacher_store.stores_root(_store_root(ctx), ctx.source.name, ctx.source.version)
-  key = ("config.teacher_logits.store_dir" if ctx.config.teacher_logits.get("store_dir")
+  key = ("config.teacher_logits.store_dir" if ctx.config.teacher_logits.store_dir
          else "the default store location (beside the data; config.teacher_logits.store_dir)")
   try:
     base.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=base, prefix=".write-check-"):
       pass
   except OSError as e:
-    raise ConfigError(f"{key}: cannot write the teacher-logit store under {base} ({e.strerror or e}); "
-                      "set --config.teacher_logits.store_dir to a writable folder") from None
+    raise ConfigError(f"{key}: cannot write the teacher-logit store under {base} "
+                      f"({e.strerror or e}); set --config.teacher_logits.store_dir to a writable "
+                      "folder") from None
 
 
-def _teacher_store(ctx: _Context, teacher_model, teacher_variables):
-  """Precomputes (or opens) the teacher-logit store of the training split."""
+def _teacher_logits(ctx: _Context, teacher: Trained | None):
+  """Stage 2: the teacher's logits of the training split in the store (precomputed, or opened when
+  present), when the student learns from stored logits; else None."""
   from jaxkd import teacher_store
   from jaxkd.data import pipeline
-  from jaxkd.train.step import make_eval_step
+  from jaxkd.train.step import make_logits_fn
 
-  tid = teacher_store.teacher_id(ctx.config.teacher.model, teacher_variables)
+  config, wd, source = ctx.config, ctx.workdir, ctx.source
+  if not config.student.enabled:
+    _skip(wd, "teacher_logits", "config.student.enabled is False")
+    return None
+  teacher_source = _teacher_source(config)
+  if teacher_source != "stored":
+    _skip(wd, "teacher_logits", f"the student's teacher is {teacher_source!r}")
+    return None
+  if wd.done("student"):
+    return None  # the student that reads them has finished
+
+  tid = teacher_store.teacher_id(config.teacher.model, teacher.variables)
   split = "train"
-  store_dir = teacher_store.store_path(_store_root(ctx), ctx.source.name, ctx.source.version, tid, split)
-  expect = dict(dataset=ctx.source.name, version=ctx.source.version, split=split,
-                num_classes=ctx.source.num_classes, teacher_id=tid, preprocessing=_preprocessing(ctx.config))
-  hint = (f"delete the folder {store_dir} (and {teacher_store.partial_path(store_dir).name} beside it, if "
-          "present) and rerun the same command: the next run recomputes it")
+  store_dir = teacher_store.store_path(_store_root(ctx), source.name, source.version, tid, split)
+  expect = dict(dataset=source.name, version=source.version, split=split,
+                num_classes=source.num_classes, teacher_id=tid,
+                preprocessing=_preprocessing(config))
+  hint = (f"delete the folder {store_dir} (and {teacher_store.partial_path(store_dir).name} "
+          "beside it, if present) and rerun the same command: the next run recomputes it")
   if store_dir.exists():
-    return teacher_store.TeacherStore.open(store_dir, expect=expect, hint=hint)
-  _log(f"teacher_logits: precomputing {tid} on {ctx.source.name}/{split} into {store_dir}")
-  eval_step = make_eval_step(teacher_model, ctx.mesh)
-  variables = replicate(teacher_variables, ctx.mesh)
-  batch_size = int(ctx.config.teacher_logits.get("batch_size", ctx.config.evaluate.batch_size))
+    store = teacher_store.TeacherStore.open(store_dir, expect=expect, hint=hint)
+  else:
+    _log(f"teacher_logits: precomputing {tid} on {source.name}/{split} into {store_dir}")
+    logits_fn = make_logits_fn(teacher.model, ctx.mesh)
+    variables = replicate(teacher.variables, ctx.mesh)
+    batch_size = int(config.teacher_logits.batch_size)
 
-  def batches(start_batch: int = 0):
-    it = pipeline.eval_batches(ctx.source, split, global_batch_size=batch_size, augment=dict(ctx.config.augment),
-                               image_size=_image_size(ctx.config),
-                               num_parallel_calls=ctx.config.data.get("num_parallel_calls"))
-    for i, b in enumerate(it):
-      if i >= start_batch:
-        ctx.check_stop(f"during the teacher-logit precompute (batch {i}); the finished batches are kept")
+    def batches(start_batch: int = 0):
+      it = pipeline.eval_batches(source, split, global_batch_size=batch_size,
+                                 augment=dict(config.augment), image_size=ctx.image_size,
+                                 num_parallel_calls=config.data.num_parallel_calls,
+                                 start_batch=start_batch)
+      for i, b in enumerate(it, start_batch):
+        ctx.check_stop(f"during the teacher-logit precompute (batch {i}); the finished batches "
+                       "are kept")
         yield b
 
-  def apply_fn(images):
-    n = images.shape[0]
-    dummy = {"image": images, "label": jnp.zeros((n,), jnp.int32)}
-    on_device = pipeline.to_device(dummy, ctx.mesh)
-    return eval_step(variables, on_device)["logits"]
-
-  return teacher_store.precompute(
-      batches, apply_fn, dataset=ctx.source.name, version=ctx.source.version, split=split, teacher_id=tid,
-      num_examples=ctx.source.num_examples(split), num_classes=ctx.source.num_classes,
-      class_names=list(ctx.source.class_names), preprocessing=_preprocessing(ctx.config),
-      teacher_info={"model": ctx.config.teacher.model}, store_dir=store_dir,
-      dtype=ctx.config.teacher_logits.get("dtype", "float16"), progress=ctx.progress, hint=hint)
+    store = teacher_store.precompute(
+        batches, lambda images: logits_fn(variables, images), dataset=source.name,
+        version=source.version, split=split, teacher_id=tid,
+        num_examples=source.num_examples(split), num_classes=source.num_classes,
+        class_names=list(source.class_names), preprocessing=_preprocessing(config),
+        teacher_info={"model": config.teacher.model}, store_dir=store_dir,
+        dtype=config.teacher_logits.dtype, progress=ctx.progress, hint=hint)
+  if not wd.done("teacher_logits"):
+    wd.mark("teacher_logits", {"store": str(store.path), "teacher_id": store.teacher_id})
+  return store
 
 
-def _evaluate_stage(ctx: _Context, roles: dict) -> dict:
+def _student(ctx: _Context, teacher: Trained | None, store) -> Trained | None:
+  """Stage 3: the student, distilled from the stored logits (`store`), the online `teacher`, or CE
+  only; loaded when finished; None when config.student.enabled is False."""
+  wd, stage = ctx.workdir, ctx.config.student
+  if not stage.enabled:
+    _skip(wd, "student", "config.student.enabled is False")
+    return None
+  model = ctx.models["student"]
+  if wd.done("student"):
+    return Trained(model, wd.load_variables("student", model, ctx.image_size))
+  loss = LossConfig.from_config(stage.loss)
+  teacher_source = _teacher_source(ctx.config)
+  _log(f"student: training {stage.model} with loss {loss.kind}"
+       f"{' + perception' if loss.perception else ''} (teacher: {teacher_source}) for "
+       f"{_steps_text(ctx.source, stage)}")
+  init = _pretrained_variables(ctx, "student", model)
+  online = teacher if teacher_source == "online" else None
+  return Trained(model, _train(ctx, "student", model, init_variables=init, online_teacher=online,
+                               store=store))
+
+
+def _evaluate(ctx: _Context, trained: dict[str, Trained]) -> dict:
+  """Stage 4: every model on the evaluation splits ({(role, split): results}); a finished
+  evaluation (<workdir>/eval/<role>_<split>.json) is read, not run again."""
   from jaxkd.data import pipeline
   from jaxkd.train import evaluate as evaluate_lib
   from jaxkd.train.step import make_eval_step
@@ -368,7 +389,7 @@ def _evaluate_stage(ctx: _Context, roles: dict) -> dict:
   out_dir = ctx.workdir.path / "eval"
   out_dir.mkdir(exist_ok=True)
   bs = int(ctx.config.evaluate.batch_size)
-  for role, (model, variables) in roles.items():
+  for role, (model, variables) in trained.items():
     eval_step = make_eval_step(model, ctx.mesh)
     on_mesh = replicate(variables, ctx.mesh)
     for split in ctx.eval_splits():
@@ -376,84 +397,104 @@ def _evaluate_stage(ctx: _Context, roles: dict) -> dict:
       if path.exists():
         results[(role, split)] = json.loads(path.read_text())
         continue
-      batches = pipeline.eval_batches(ctx.source, split, global_batch_size=bs, augment=dict(ctx.config.augment),
-                                      image_size=_image_size(ctx.config), mesh=ctx.mesh,
-                                      num_parallel_calls=ctx.config.data.get("num_parallel_calls"))
+      batches = pipeline.eval_batches(ctx.source, split, global_batch_size=bs,
+                                      augment=dict(ctx.config.augment), image_size=ctx.image_size,
+                                      mesh=ctx.mesh,
+                                      num_parallel_calls=ctx.config.data.num_parallel_calls)
 
       def checked(batches=batches, role=role, split=split):
         for b in batches:
           ctx.check_stop(f"while evaluating the {role} on {split}; finished evaluations are kept")
           yield b
 
-      res = evaluate_lib.evaluate(eval_step, on_mesh, checked(), num_classes=ctx.source.num_classes,
-                                  total=pipeline.num_eval_batches(ctx.source, split, global_batch_size=bs),
-                                  desc=f"evaluate {role} {split}", progress=ctx.progress)
+      res = evaluate_lib.evaluate(
+          eval_step, on_mesh, checked(), num_classes=ctx.source.num_classes,
+          total=pipeline.num_eval_batches(ctx.source, split, global_batch_size=bs),
+          desc=f"evaluate {role} {split}", progress=ctx.progress)
       _log(f"evaluate: {role} {split} top-1 {res['top1']:.4f} top-5 {res['top5']:.4f} "
            f"({res['num_examples']} examples)")
       if jax.process_index() == 0:
-        _write_json(path, res)
+        write_json(path, res)
       results[(role, split)] = res
+  ctx.workdir.mark("evaluate", {"results": {f"{r}/{s}": {"top1": v["top1"], "top5": v["top5"]}
+                                            for (r, s), v in results.items()}})
   return results
 
 
-def _teacher_source(config) -> str:
-  loss = LossConfig.from_config(config.student.loss)
-  return config.student.get("teacher", "stored") if loss.needs_teacher else "none"
+def _report(ctx: _Context, results: dict) -> dict:
+  """Stage 5: report.md / report.json and the plots; prints report.md."""
+  from jaxkd.train import report as report_lib
+  wd = ctx.workdir
+  training = {role: wd.done(role) for role in schema.ROLES if ctx.config[role].enabled}
+  report = report_lib.write_report(ctx.config, wd.path, source=ctx.source, results=results,
+                                   splits=ctx.eval_splits(), data_splits=data_splits(ctx.source),
+                                   training=training)
+  wd.mark("report", {"report": str(wd.path / "report.md")})
+  if jax.process_index() == 0:
+    print((wd.path / "report.md").read_text())
+  return report
 
 
-def _student(ctx: _Context, teacher_model, teacher_variables):
-  """Returns (student_model, student_variables): precomputes the teacher logits if needed, then distills."""
-  wd, cfg = ctx.workdir, ctx.config.student
-  loss = LossConfig.from_config(cfg.loss)
-  teacher_source = _teacher_source(ctx.config)
-  model = _create(cfg, ctx.source.num_classes, ctx.dtype)
-  if wd.done("student"):
-    return model, _load_variables(_variables_dir(wd.path, "student"), model, _image_size(ctx.config))
-  lookup = None
-  if teacher_source == "stored":
-    store = _teacher_store(ctx, teacher_model, teacher_variables)
-    if not wd.done("teacher_logits"):
-      wd.mark("teacher_logits", {"store": str(store.path), "teacher_id": store.teacher_id})
-    lookup = store.tf_lookup
-  elif not wd.done("teacher_logits"):
-    wd.mark("teacher_logits", {"store": None, "skipped": f"the student's teacher is {teacher_source!r}"})
+def _run_stages(ctx: _Context) -> dict:
+  teacher = _teacher(ctx)
+  ctx.check_stop("after the teacher stage")
+  store = _teacher_logits(ctx, teacher)
   ctx.check_stop("after the teacher-logit precompute")
+  student = _student(ctx, teacher, store)
+  ctx.check_stop("after the student stage")
+  trained = {role: t for role, t in (("teacher", teacher), ("student", student)) if t is not None}
+  results = _evaluate(ctx, trained)
+  return _report(ctx, results)
 
-  _log(f"student: training {cfg.model} with loss {loss.kind}{' + perception' if loss.perception else ''} "
-       f"(teacher: {teacher_source}) for {_steps_text(ctx, cfg)}")
-  init = _pretrained_variables(ctx, "student", model)
-  online = teacher_source == "online"
-  return model, _train_stage(ctx, "student", model, teacher_model=teacher_model if online else None,
-                             teacher_variables=teacher_variables if online else None, teacher_lookup=lookup,
-                             init_variables=init)
+
+# ----------------------------------------------------------------------------- run
 
 
 def _get_source(config):
   from jaxkd.data import get_source
   data = config.data
-  return get_source(data.name, data_dir=data.get("data_dir"), manual_dir=data.get("manual_dir"),
-                    val_fraction=float(data.get("val_fraction", 0.2)), split_seed=int(data.get("split_seed", 0)),
-                    download=bool(data.get("download", True)), version=data.get("version"),
-                    skip_bad_images=bool(data.get("skip_bad_images", False)))
+  return get_source(data.name, data_dir=data.data_dir, manual_dir=data.manual_dir,
+                    val_fraction=float(data.val_fraction), split_seed=int(data.split_seed),
+                    download=bool(data.download), version=data.version,
+                    skip_bad_images=bool(data.skip_bad_images))
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
+def _check_training(config, wd: Workdir, source) -> None:
+  """What needs the data to be checked, checked before any compute: every stage left to train
+  has a full batch per epoch and, with handoff='best', a val split to choose by."""
+  for role in schema.ROLES:
+    stage = config[role]
+    if not stage.enabled or int(stage.epochs) == 0 or wd.done(role):
+      continue
+    bs, n = int(stage.batch_size), source.num_examples("train")
+    if _steps_per_epoch(source, stage) < 1:
+      raise ConfigError(f"config.{role}.batch_size={bs} is larger than the training split ({n} "
+                        f"examples); lower config.{role}.batch_size")
+    if stage.handoff == "best" and _eval_split(source) is None:
+      raise ConfigError(f"config.{role}.handoff='best' chooses by val top-1, but the data has no "
+                        f"val split ({', '.join(source.splits)}); use 'last'")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+        progress: bool = True) -> dict:
   """Runs the experiment's unfinished stages; returns the report dict.
 
+  `config` gets every schema key it lacks, at its default (jaxkd.config.fill_defaults, in place).
   Raises ConfigError for a config that cannot work (before any compute), and
-  jaxkd.train.checkpoint.StopRequested when SIGINT/SIGTERM stopped a stage at a
-  safe point with its work saved (a rerun of the same command resumes).
+  jaxkd.train.checkpoint.StopRequested when SIGINT/SIGTERM stopped a stage at a safe point with
+  its work saved (a rerun of the same command resumes).
   """
   from jaxkd.train.checkpoint import install_stop_handler
   from jaxkd.train.step import data_mesh
 
+  schema.fill_defaults(config)
   validate(config)
   wd = Workdir(pathlib.Path(workdir))
   harmless = wd.check_config(config)
   if harmless:
     _log("rerun with settings that change no result: " + "; ".join(harmless))
 
-  if wd.done("report") and all(wd.done(s) for s in STAGES if s != "report"):
+  if all(wd.done(s) for s in STAGES):
     report = json.loads((wd.path / "report.json").read_text())
     print((wd.path / "report.md").read_text())
     return report
@@ -462,48 +503,27 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, progre
   wd.check_dataset(source)
   stop = install_stop_handler()
   try:
-    ctx = _Context(config=config, workdir=wd, source=source, mesh=data_mesh(), dtype=compute_dtype(config),
+    dtype = compute_dtype(config)
+    built = {role: models.create(config[role].model, num_classes=source.num_classes, dtype=dtype,
+                                 **schema.model_kwargs(config[role]))
+             for role in schema.ROLES if config[role].enabled}
+    ctx = _Context(config=config, workdir=wd, source=source, mesh=data_mesh(), models=built,
                    stop=stop, progress=progress)
-    splits = " / ".join(f"{s} {source.num_examples(s)}" for s in _data_splits(source))
-    _log(f"{source.name} {source.version}: {source.num_classes} classes, {splits}; {jax.device_count()} "
-         f"{jax.default_backend()} device(s), compute dtype {jnp.dtype(ctx.dtype).name}")
+    splits = " / ".join(f"{s} {source.num_examples(s)}" for s in data_splits(source))
+    _log(f"{source.name} {source.version}: {source.num_classes} classes, {splits}; "
+         f"{jax.device_count()} {jax.default_backend()} device(s), compute dtype "
+         f"{jnp.dtype(dtype).name}")
     missing = [s for s in config.evaluate.splits if s not in source.splits]
     if missing:
-      _log(f"evaluate: the data has no {' / '.join(missing)} split; evaluating on {', '.join(ctx.eval_splits())}")
+      _log(f"evaluate: the data has no {' / '.join(missing)} split; evaluating on "
+           f"{', '.join(ctx.eval_splits())}")
     if not ctx.eval_splits():
-      raise ConfigError(f"config.evaluate.splits={tuple(config.evaluate.splits)}: the data has none of these "
-                        "splits; use ('val',)")
+      raise ConfigError(f"config.evaluate.splits={tuple(config.evaluate.splits)}: the data has "
+                        "none of these splits; use ('val',)")
+    _check_training(config, wd, source)
     if _needs_store(config) and not wd.done("student"):
       _check_store_writable(ctx)
     return _run_stages(ctx)
   finally:
     stop.uninstall()
 
-
-def _run_stages(ctx: _Context) -> dict:
-  from jaxkd.train import report as report_lib
-  config, wd, source = ctx.config, ctx.workdir, ctx.source
-  roles = {}
-  teacher_model = teacher_variables = None
-  if config.teacher.enabled:
-    teacher_model, teacher_variables = _teacher(ctx)
-    roles["teacher"] = (teacher_model, teacher_variables)
-    ctx.check_stop("after the teacher stage")
-
-  if config.student.enabled:
-    roles["student"] = _student(ctx, teacher_model, teacher_variables)
-    ctx.check_stop("after the student stage")
-  else:
-    for stage in ("teacher_logits", "student"):
-      if not wd.done(stage):
-        wd.mark(stage, {"skipped": "config.student.enabled is False"})
-
-  results = _evaluate_stage(ctx, roles)
-  wd.mark("evaluate", {"results": {f"{r}/{s}": {"top1": v["top1"], "top5": v["top5"]}
-                                   for (r, s), v in results.items()}})
-  report = report_lib.write_report(config, wd.path, source=source, results=results, splits=ctx.eval_splits(),
-                                   data_splits=_data_splits(source))
-  wd.mark("report", {"report": str(wd.path / "report.md")})
-  if jax.process_index() == 0:
-    print((wd.path / "report.md").read_text())
-  return report

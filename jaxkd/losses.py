@@ -18,18 +18,34 @@ Conventions shared by every loss here:
   for logits of any magnitude and per-row offsets; see the comment above
   `_two_sum`.
 
-References: Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural
-Network", NIPS Deep Learning Workshop 2015 (KD); Zhao et al., "Decoupled
-Knowledge Distillation", CVPR 2022 (DKD); Zhu & Zhu, Computer Systems &
-Applications 2025, 34(2) (perception reconstruction); Sun et al., "Logit
-Standardization in Knowledge Distillation", CVPR 2024; Zagoruyko & Komodakis,
-ICLR 2017 (attention transfer); Romero et al., ICLR 2015 (FitNets); Gretton et
-al., JMLR 2012 (MMD).
+docs/methods.md gives every formula in full, with the config keys that select
+each loss, their defaults, and the published numbers the configs target.
+
+References:
+
+- KD: G. Hinton, O. Vinyals and J. Dean, "Distilling the Knowledge in a Neural
+  Network", NIPS 2014 Deep Learning Workshop, arXiv:1503.02531 (2015).
+- DKD (TCKD, NCKD): B. Zhao, Q. Cui, R. Song, Y. Qiu and J. Liang, "Decoupled
+  Knowledge Distillation", CVPR 2022.
+- Perception reconstruction: Zhu Yingce and Zhu Ziqi, "Decoupled Knowledge
+  Distillation Based on Perception Reconstruction", Computer Systems &
+  Applications 34(2):11-18, 2025 (in Chinese).
+- Logit standardisation: S. Sun, W. Ren, J. Li, R. Wang and X. Cao, "Logit
+  Standardization in Knowledge Distillation", CVPR 2024.
+- Attention transfer: S. Zagoruyko and N. Komodakis, "Paying More Attention to
+  Attention: Improving the Performance of Convolutional Neural Networks via
+  Attention Transfer", ICLR 2017.
+- Hint loss: A. Romero, N. Ballas, S. E. Kahou, A. Chassang, C. Gatta and
+  Y. Bengio, "FitNets: Hints for Thin Deep Nets", ICLR 2015.
+- MMD: A. Gretton, K. M. Borgwardt, M. J. Rasch, B. Schoelkopf and A. Smola,
+  "A Kernel Two-Sample Test", JMLR 13, 2012.
+- Label smoothing: C. Szegedy, V. Vanhoucke, S. Ioffe, J. Shlens and Z. Wojna,
+  "Rethinking the Inception Architecture for Computer Vision", CVPR 2016.
 """
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +76,7 @@ def _check_pair(student: Array, teacher: Array, what: str = "logits") -> None:
                      f"{student.shape} and {teacher.shape}")
 
 
-def weighted_mean(per_example: Array, weights: Optional[Array] = None) -> Array:
+def weighted_mean(per_example: Array, weights: Array | None = None) -> Array:
   """sum_i w_i x_i / sum_i w_i over the leading axis (plain mean when `weights` is None).
 
   Rows with zero weight are masked out (their value is ignored even if NaN).
@@ -79,11 +95,13 @@ def weighted_mean(per_example: Array, weights: Optional[Array] = None) -> Array:
 
 
 def cross_entropy(logits: Array, labels: Array, *, label_smoothing: float = 0.0,
-                  weights: Optional[Array] = None) -> Array:
+                  weights: Array | None = None) -> Array:
   """Softmax cross-entropy, weighted mean over the batch.
 
   CE = -sum_c q_c log softmax(z)_c, with q the one-hot label smoothed as in
-  PyTorch's CrossEntropyLoss: q = (1 - eps) * onehot(y) + eps / C.
+  PyTorch's CrossEntropyLoss: q = (1 - eps) * onehot(y) + eps / C (label
+  smoothing: Szegedy et al., "Rethinking the Inception Architecture for Computer
+  Vision", CVPR 2016).
   `labels` is int [batch], or a probability vector [batch, C] (soft labels,
   e.g. after MixUp/CutMix; smoothing is then applied to it the same way).
   """
@@ -113,7 +131,7 @@ def _exp_minus_one_plus(y: Array) -> Array:
   return jnp.where(small, series, jnp.expm1(-yl) + yl)
 
 
-def _log_mean_exp_neg(log_p: Array, d: Array, mask: Optional[Array] = None):
+def _log_mean_exp_neg(log_p: Array, d: Array, mask: Array | None = None):
   """log E_p[exp(-d)] over the last axis, split for precision: returns (c, m, L) with
 
     c = E_p[d] (rounded),  y = d - c,  m = E_p[y] (zero up to rounding),
@@ -140,7 +158,7 @@ def _log_mean_exp_neg(log_p: Array, d: Array, mask: Optional[Array] = None):
   return c, m, jnp.where(far, jax.nn.logsumexp(log_p - y, axis=-1), near)
 
 
-def _kl_from_log_ratio(log_p: Array, log_ratio: Array, mask: Optional[Array] = None) -> Array:
+def _kl_from_log_ratio(log_p: Array, log_ratio: Array, mask: Array | None = None) -> Array:
   """KL(p || q) over the last axis, given log p and d = log p - log q + const (any constant).
 
   KL = E_p[d] + log E_p[exp(-d)] = m + L (see `_log_mean_exp_neg`): exact for
@@ -188,7 +206,7 @@ def _two_sum(a: Array, b: Array) -> tuple[Array, Array]:
   return s, (a - (s - b_virtual)) + (b - b_virtual)
 
 
-def _log_softmax_t(z: Array, t: Array, mask: Optional[Array] = None) -> Array:
+def _log_softmax_t(z: Array, t: Array, mask: Array | None = None) -> Array:
   """log softmax(z / T) over the last axis, the row max subtracted before dividing by T.
 
   `mask` marks excluded classes (-inf, probability 0).
@@ -212,7 +230,7 @@ def _relative_log_ratio(zs: Array, zt: Array, t: Array, ref: Array) -> Array:
   return (s3 + (e3 + (e1 - e2))) / t
 
 
-def _log_ratio_gap(log_pt: Array, log_ps: Array, delta: Array, mask: Optional[Array] = None):
+def _log_ratio_gap(log_pt: Array, log_ps: Array, delta: Array, mask: Array | None = None):
   """(L, ok) with log p_t - log p_s = delta + L, i.e. L = log E_pt[exp(-delta)].
 
   delta must be 0 at a class the teacher supports (its argmax), so that delta is
@@ -242,7 +260,7 @@ def _log_ratio_gap(log_pt: Array, log_ps: Array, delta: Array, mask: Optional[Ar
   return jnp.where(ok, gap, jax.nn.logsumexp(log_pt - delta, axis=-1)), ok
 
 
-def _softmax_grads(zs: Array, zt: Array, t: Array, mask: Optional[Array] = None):
+def _softmax_grads(zs: Array, zt: Array, t: Array, mask: Array | None = None):
   """Per-row gradients of T^2 KL(softmax(z_t/T) || softmax(z_s/T)) over the unmasked classes.
 
   Returns (d/dz_s, d/dz_t, delta, (L, ok)), the gradients [batch, C], 0 on masked
@@ -272,7 +290,7 @@ def _softmax_grads(zs: Array, zt: Array, t: Array, mask: Optional[Array] = None)
 
 
 def _binary_grads(zs: Array, zt: Array, t: Array, target: Array, delta_hat: Array, gap_hat):
-  """Per-row gradients of TCKD = T^2 KL(b_t || b_s), b = [p_y, 1 - p_y] (Zhao et al. 2022).
+  """Per-row gradients of TCKD = T^2 KL(b_t || b_s), b = [p_y, 1 - p_y] (Zhao et al., CVPR 2022).
 
   With P = p_t,y, Q = 1 - P, p_hat the non-target softmax and
   Lam = logit(p_t,y) - logit(p_s,y):
@@ -352,9 +370,9 @@ def _kd_per_example_jvp(primals, tangents):
 
 
 def kd_loss(student_logits: Array, teacher_logits: Array, *, temperature,
-            weights: Optional[Array] = None) -> Array:
+            weights: Array | None = None) -> Array:
   """Hinton knowledge-distillation loss (Hinton, Vinyals & Dean, "Distilling the Knowledge
-  in a Neural Network", NIPS Deep Learning Workshop 2015).
+  in a Neural Network", NIPS 2014 Deep Learning Workshop, arXiv:1503.02531, 2015).
 
   KD = T^2 * KL(p_t || p_s) = T^2 * sum_c p_t,c (log p_t,c - log p_s,c),
   p = softmax(z / T); weighted mean over the batch. The T^2 factor keeps the
@@ -419,19 +437,20 @@ def _tckd_nckd_per_example_jvp(primals, tangents):
 
 def tckd_nckd(student_logits: Array, teacher_logits: Array, labels: Array, *,
               temperature=4.0) -> tuple[Array, Array]:
-  """The two terms of decoupled KD (Zhao et al., "Decoupled Knowledge Distillation",
-  CVPR 2022), per example, each times T^2.
+  """The two terms of decoupled KD (Zhao, Cui, Song, Qiu & Liang, "Decoupled Knowledge
+  Distillation", CVPR 2022), per example, each times T^2.
 
   With p = softmax(z / T), b = [p_y, 1 - p_y] and p_hat the softmax over the
   non-target classes only:
 
     TCKD = T^2 * KL(b_t || b_s),     NCKD = T^2 * KL(p_hat_t || p_hat_s),
 
-  so that, per example, KD = TCKD + (1 - p_t[y]) * NCKD exactly.
-  The target class is masked out with -inf (not by subtracting 1000 as
-  mdistiller does, which fails for logits of large magnitude), and both KL
-  terms are computed from log-ratios without first-order cancellation, so
-  small per-example values keep full float32 relative precision.
+  so that, per example, KD = TCKD + (1 - p_t[y]) * NCKD exactly (the paper's
+  decomposition; docs/methods.md derives it). The target class is masked out
+  with -inf (not by subtracting 1000 as the authors' code, mdistiller, does,
+  which fails for logits of large magnitude), and both KL terms are computed
+  from log-ratios without first-order cancellation, so small per-example values
+  keep full float32 relative precision.
 
   Gradients (custom JVP, analytic, each side from its own softmax):
   d TCKD / d z_s = T (p_s,y - p_t,y) (e_y - p_hat_s), d NCKD / d z_s = T (p_hat_s -
@@ -449,21 +468,24 @@ def tckd_nckd(student_logits: Array, teacher_logits: Array, labels: Array, *,
 
 
 def dkd_loss(student_logits: Array, teacher_logits: Array, labels: Array, *, alpha=1.0,
-             beta=8.0, temperature=4.0, weights: Optional[Array] = None) -> Array:
-  """Decoupled knowledge distillation (Zhao et al., "Decoupled Knowledge Distillation",
-  CVPR 2022).
+             beta=8.0, temperature=4.0, weights: Array | None = None) -> Array:
+  """Decoupled knowledge distillation (Zhao, Cui, Song, Qiu & Liang, "Decoupled Knowledge
+  Distillation", CVPR 2022).
 
   DKD = alpha * TCKD + beta * NCKD, each times T^2 (see `tckd_nckd`, also for the
-  gradients), weighted mean over the batch. mdistiller defaults: alpha 1, beta 8,
-  T 4; the linear warm-up of this term is a schedule (`jaxkd.schedules.dkd_warmup`).
+  gradients), weighted mean over the batch. The authors' CIFAR-100 defaults
+  (mdistiller): alpha 1, beta 8, T 4; their per-pair betas and the linear warm-up
+  of this term (`jaxkd.schedules.dkd_warmup`, config key `loss.warmup_epochs`)
+  are in docs/methods.md.
   """
   tckd, nckd = tckd_nckd(student_logits, teacher_logits, labels, temperature=temperature)
   return weighted_mean(alpha * tckd + beta * nckd, weights)
 
 
-def perception_reconstruct(logits: Array, *, eps: float = 1e-6, axis_name: Optional[str] = None,
-                           weights: Optional[Array] = None) -> Array:
-  """Perception reconstruction (Zhu & Zhu, Computer Systems & Applications 2025, eq. 5):
+def perception_reconstruct(logits: Array, *, eps: float = 1e-6, axis_name: str | None = None,
+                           weights: Array | None = None) -> Array:
+  """Perception reconstruction (Zhu & Zhu, "Decoupled Knowledge Distillation Based on
+  Perception Reconstruction", Computer Systems & Applications 34(2), 2025, eq. 5):
   per-class standardisation over the batch.
 
     h_ij = (z_ij - U_j) / sqrt(V_j + eps),
@@ -505,8 +527,8 @@ def perception_reconstruct(logits: Array, *, eps: float = 1e-6, axis_name: Optio
 
 
 def logit_standardize(logits: Array, *, eps: float = 1e-7) -> Array:
-  """Logit standardisation (Sun et al., "Logit Standardization in Knowledge Distillation",
-  CVPR 2024): per-sample z-score over classes.
+  """Logit standardisation (Sun, Ren, Li, Wang & Cao, "Logit Standardization in Knowledge
+  Distillation", CVPR 2024): per-sample z-score over classes.
 
     z' = (z - mean_c z) / (std_c z + eps),
 
@@ -527,7 +549,7 @@ def logit_standardize(logits: Array, *, eps: float = 1e-7) -> Array:
   return (z - mean) / (std + eps)
 
 
-def _attention_map(feat: Array, p: float, out_hw: Optional[tuple[int, int]] = None) -> Array:
+def _attention_map(feat: Array, p: float, out_hw: tuple[int, int] | None = None) -> Array:
   """a(F) = normalize(sum_c |F_c|^p), flattened over space, L2-normalised per example."""
   a = jnp.sum(jnp.abs(_f32(feat)) ** p, axis=-1)  # [B, H, W]
   if out_hw is not None and a.shape[1:] != tuple(out_hw):
@@ -537,8 +559,10 @@ def _attention_map(feat: Array, p: float, out_hw: Optional[tuple[int, int]] = No
 
 
 def attention_transfer_loss(student_feat: Array, teacher_feat: Array, *, p: float = 2,
-                            weights: Optional[Array] = None) -> Array:
-  """Attention transfer (Zagoruyko & Komodakis, ICLR 2017).
+                            weights: Array | None = None) -> Array:
+  """Attention transfer (Zagoruyko & Komodakis, "Paying More Attention to Attention:
+  Improving the Performance of Convolutional Neural Networks via Attention Transfer",
+  ICLR 2017).
 
     a(F) = vec(sum_c |F_c|^p) / ||vec(sum_c |F_c|^p)||_2,
     AT = mean over positions of (a(F_s) - a(F_t))^2, weighted mean over the batch
@@ -556,11 +580,14 @@ def attention_transfer_loss(student_feat: Array, teacher_feat: Array, *, p: floa
 
 
 def hint_loss(regressed_student_feat: Array, teacher_feat: Array, *,
-              weights: Optional[Array] = None) -> Array:
-  """FitNets hint loss (Romero et al., ICLR 2015): mean squared error.
+              weights: Array | None = None) -> Array:
+  """FitNets hint loss (Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015):
+  mean squared error.
 
   The student feature must already be mapped to the teacher's shape by a
-  learned regressor (e.g. a 1x1 conv, part of the student's parameters).
+  learned regressor (e.g. a 1x1 conv, part of the student's parameters; jaxkd's
+  models have none yet, so the train step uses this loss only for features of
+  identical shapes).
   Loss = mean over elements of (r(F_s) - F_t)^2, weighted mean over the batch.
   """
   _check_pair(regressed_student_feat, teacher_feat, "features")
@@ -571,10 +598,11 @@ def hint_loss(regressed_student_feat: Array, teacher_feat: Array, *,
 
 def mmd_loss(student_feat: Array, teacher_feat: Array, *, kernel: str = "rbf",
              bandwidths: Sequence[float] = (0.5, 1.0, 2.0, 4.0, 8.0),
-             weights: Optional[Array] = None) -> Array:
+             weights: Array | None = None) -> Array:
   """Squared maximum mean discrepancy between student and teacher feature distributions.
 
-  Biased (V-statistic) estimate over the batch (Gretton et al., JMLR 2012):
+  Biased (V-statistic) estimate over the batch (Gretton, Borgwardt, Rasch, Schoelkopf
+  & Smola, "A Kernel Two-Sample Test", JMLR 2012):
 
     MMD^2 = E[k(s, s')] + E[k(t, t')] - 2 E[k(s, t)],
 
@@ -587,7 +615,8 @@ def mmd_loss(student_feat: Array, teacher_feat: Array, *, kernel: str = "rbf",
   s = _f32(student_feat).reshape(student_feat.shape[0], -1)
   t = _f32(teacher_feat).reshape(teacher_feat.shape[0], -1)
   if s.shape[1] != t.shape[1]:
-    raise ValueError(f"mmd_loss needs features of the same dimension, got {s.shape[1]} and {t.shape[1]}")
+    raise ValueError(f"mmd_loss needs features of the same dimension, got {s.shape[1]} and "
+                     f"{t.shape[1]}")
   dim = s.shape[1]
   n = s.shape[0]
   w = jnp.ones((n,), jnp.float32) if weights is None else _f32(weights)

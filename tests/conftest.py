@@ -37,10 +37,9 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
+import imagegen  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
-
-import imagegen  # noqa: E402
 
 # Real photographs shared beside the project (never committed into it).
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -195,7 +194,8 @@ def pytest_configure(config):
   # they compile the same small programs again and again; the cache halves each run's time.
   os.environ["JAXKD_TEST_JAX_CACHE"] = os.fspath(path / "jax-compilation-cache")
   assert jax.device_count() == 8, (
-      f"tests expect 8 simulated CPU devices, got {jax.devices()}; XLA_FLAGS must be set before jax is imported")
+      f"tests expect 8 simulated CPU devices, got {jax.devices()}; "
+      "XLA_FLAGS must be set before jax is imported")
 
 
 def pytest_collection_finish(session):

@@ -24,7 +24,7 @@ import dataclasses
 import io
 import json
 import pathlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -115,7 +115,7 @@ def make_food101_tree(root: str | pathlib.Path, *, classes: int | Sequence[str] 
   train: dict[str, list[str]] = {}
   test: dict[str, list[str]] = {}
   n = train_per_class + test_per_class
-  for label, name in enumerate(names):
+  for name in names:
     (food / "images" / name).mkdir(parents=True, exist_ok=True)
     ids = rng.choice(np.arange(100000, 4000000), size=n, replace=False)  # Food-101-like numeric ids
     keys = [f"{name}/{i}" for i in ids.tolist()]
@@ -132,7 +132,7 @@ def make_food101_tree(root: str | pathlib.Path, *, classes: int | Sequence[str] 
   meta = food / "meta"
   meta.joinpath("classes.txt").write_text("".join(f"{c}\n" for c in names))
   labels = [c.replace("_", " ").capitalize() for c in names]  # 'apple_pie' -> 'Apple pie'
-  meta.joinpath("labels.txt").write_text("".join(f"{l}\n" for l in labels))
+  meta.joinpath("labels.txt").write_text("".join(f"{label}\n" for label in labels))
   for split, entries in (("train", train), ("test", test)):
     meta.joinpath(f"{split}.json").write_text(json.dumps(entries))
     meta.joinpath(f"{split}.txt").write_text("".join(f"{k}\n" for c in names for k in entries[c]))

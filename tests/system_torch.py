@@ -27,7 +27,8 @@ def problem() -> str | None:
 
 
 def run(script: str, *args: str, what: str = "reference script") -> str:
-  """Runs `script` (dedented) with `args` in the system Python; its stdout. Fails the test on error."""
+  """Runs `script` (dedented) with `args` in the system Python; its stdout. Fails the test on error.
+  """
   result = subprocess.run([SYSTEM_PYTHON, "-c", textwrap.dedent(script), *args],
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, f"{what} failed:\n{result.stdout}\n{result.stderr}"

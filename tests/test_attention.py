@@ -1,4 +1,4 @@
-"""Attention modules against NumPy float64 references written from the papers' formulas."""
+"""Attention modules against NumPy float64 computations written from the papers' formulas."""
 from __future__ import annotations
 
 import jax
@@ -22,7 +22,8 @@ def _input(channels: int, seed: int = 0, height: int = 7, width: int = 5) -> np.
 def _randomize(variables, seed: int, scale: float = 0.5):
   """Replaces every parameter by N(0, scale^2) so gates leave their near-constant init regime."""
   rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda p: jnp.asarray(rng.normal(scale=scale, size=p.shape), jnp.float32), variables)
+  return jax.tree.map(lambda p: jnp.asarray(rng.normal(scale=scale, size=p.shape), jnp.float32),
+                      variables)
 
 
 def _sigmoid(z):
@@ -41,9 +42,11 @@ def test_eca_kernel_size_hand_worked():
 
 
 def test_make_divisible_matches_mobilenet_se_widths():
-  # torchvision's SE widths in MobileNetV3-Large: expanded 72 -> 24, 120 -> 32, 480 -> 120, 672 -> 168, 960 -> 240
+  # torchvision's SE widths in MobileNetV3-Large: expanded 72 -> 24, 120 -> 32, 480 -> 120,
+  # 672 -> 168, 960 -> 240
   # (72 // 4 = 18 rounds down to 16, which is < 0.9 * 18, so it goes up to 24).
-  assert [attention.make_divisible(c // 4, 8) for c in (72, 120, 480, 672, 960)] == [24, 32, 120, 168, 240]
+  widths = [attention.make_divisible(c // 4, 8) for c in (72, 120, 480, 672, 960)]
+  assert widths == [24, 32, 120, 168, 240]
   assert attention.make_divisible(4, 8) == 8  # minimum is the divisor
 
 
@@ -57,7 +60,8 @@ def test_eca_matches_numpy():
   k = len(w)
   pooled = x.astype(np.float64).mean(axis=(1, 2))  # [B, C]
   padded = np.pad(pooled, ((0, 0), ((k - 1) // 2, (k - 1) // 2)))
-  y = sum(w[j] * padded[:, j:j + pooled.shape[1]] for j in range(k))  # cross-correlation along channels
+  # cross-correlation along channels
+  y = sum(w[j] * padded[:, j:j + pooled.shape[1]] for j in range(k))
   expected = x * _sigmoid(y)[:, None, None, :]
   np.testing.assert_allclose(module.apply(variables, x), expected, rtol=RTOL, atol=ATOL)
 
@@ -73,7 +77,8 @@ def test_se_matches_numpy():
   z = h @ p["fc2"]["kernel"][0, 0] + p["fc2"]["bias"]
   gate = np.clip(z + 3.0, 0.0, 6.0) / 6.0
   assert (gate == 0).any() or (gate == 1).any() or np.ptp(gate) > 0.3  # the gate is not constant
-  np.testing.assert_allclose(module.apply(variables, x), x * gate[:, None, None, :], rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(module.apply(variables, x), x * gate[:, None, None, :], rtol=RTOL,
+                             atol=ATOL)
 
 
 def test_cbam_matches_numpy():
@@ -86,8 +91,8 @@ def test_cbam_matches_numpy():
   xd = x.astype(np.float64)
 
   def mlp(v):
-    return np.maximum(v @ p["mlp_fc1"]["kernel"] + p["mlp_fc1"]["bias"], 0.0) @ p["mlp_fc2"]["kernel"] + \
-        p["mlp_fc2"]["bias"]
+    hidden = np.maximum(v @ p["mlp_fc1"]["kernel"] + p["mlp_fc1"]["bias"], 0.0)
+    return hidden @ p["mlp_fc2"]["kernel"] + p["mlp_fc2"]["bias"]
 
   xc = xd * _sigmoid(mlp(xd.mean(axis=(1, 2))) + mlp(xd.max(axis=(1, 2))))[:, None, None, :]
   desc = np.stack([xc.max(axis=-1), xc.mean(axis=-1)], axis=-1)  # [B, H, W, 2]: max, mean
@@ -112,7 +117,8 @@ def test_simam_matches_numpy():
   d = (xd - xd.mean(axis=(1, 2), keepdims=True)) ** 2
   var = d.sum(axis=(1, 2), keepdims=True) / (n - 1)  # sample variance, as the authors' code
   energy = d / (4.0 * (var + 1e-4)) + 0.5
-  np.testing.assert_allclose(module.apply(variables, x), xd * _sigmoid(energy), rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(module.apply(variables, x), xd * _sigmoid(energy), rtol=RTOL,
+                             atol=ATOL)
   # 1x1 maps: x - mu = 0 everywhere, so the gate is sigmoid(0.5) (no 0/0).
   one = _input(5, seed=7, height=1, width=1)
   np.testing.assert_allclose(module.apply({}, one), one * _sigmoid(0.5), rtol=RTOL, atol=ATOL)
@@ -126,7 +132,8 @@ def test_bfloat16_input_keeps_dtype_and_float32_gate(kind):
   xb = jnp.asarray(x, jnp.bfloat16)
   out = module.apply(variables, xb)
   assert out.dtype == jnp.bfloat16
-  ref = np.asarray(module.apply(variables, xb.astype(jnp.float32)))  # same rounded input, float32 path
+  # same rounded input, float32 path
+  ref = np.asarray(module.apply(variables, xb.astype(jnp.float32)))
   np.testing.assert_allclose(np.asarray(out, np.float32), ref, rtol=1e-2, atol=1e-2)
 
 

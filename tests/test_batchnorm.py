@@ -1,6 +1,6 @@
 """jaxkd.models.batchnorm: the hand-written BatchNorm gradient equals autodiff of nn.BatchNorm.
 
-References: Flax's nn.BatchNorm (value, running statistics, and jax.vjp of its autodiff
+Compared with: Flax's nn.BatchNorm (value, running statistics, and jax.vjp of its autodiff
 gradient), a float64 NumPy forward written from y = (x - E[x]) / sqrt(Var[x] + eps) * scale + bias,
 and the same layer on the global batch for the shard_map (axis_name) case.
 """
@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from jaxkd.models import batchnorm, layers
 
@@ -29,7 +30,8 @@ def _data(shape, seed=0, offset=0.0):
   c = shape[-1]
   x = rng.standard_normal(shape) * rng.uniform(0.5, 3.0, c) + offset + rng.standard_normal(c)
   return (jnp.asarray(x, jnp.float32), jnp.asarray(rng.uniform(0.5, 2.0, c), jnp.float32),
-          jnp.asarray(rng.standard_normal(c), jnp.float32), jnp.asarray(rng.standard_normal(shape), jnp.float32))
+          jnp.asarray(rng.standard_normal(c), jnp.float32),
+          jnp.asarray(rng.standard_normal(shape), jnp.float32))
 
 
 def _variables(scale, bias, c):
@@ -41,7 +43,8 @@ def _train_apply(module, variables, x):
   return module.apply(variables, x, mutable=["batch_stats"])
 
 
-@pytest.mark.parametrize("shape, eps, momentum", [((4, 6, 5, 8), 1e-5, 0.9), ((3, 7, 7, 16), 1e-3, 0.99),
+@pytest.mark.parametrize("shape, eps, momentum", [((4, 6, 5, 8), 1e-5, 0.9),
+                                                  ((3, 7, 7, 16), 1e-3, 0.99),
                                                   ((16, 3), 1e-5, 0.9)])
 def test_train_mode_matches_flax_value_stats_and_gradients(shape, eps, momentum):
   x, scale, bias, g = _data(shape, seed=len(shape) + shape[-1])
@@ -54,11 +57,13 @@ def test_train_mode_matches_flax_value_stats_and_gradients(shape, eps, momentum)
     out = []
     for module in (ours, flax_bn):
       def f(params, x, module=module):
-        y, state = _train_apply(module, {"params": params, "batch_stats": variables["batch_stats"]}, x)
+        y, state = _train_apply(
+            module, {"params": params, "batch_stats": variables["batch_stats"]}, x)
         # the loss also reads the updated running statistics, so their cotangents are exercised
         return y, state["batch_stats"]
       (y, stats), pullback = jax.vjp(f, variables["params"], x)
-      stat_ct = {"mean": jnp.linspace(0.3, -0.2, shape[-1]), "var": jnp.linspace(-0.5, 0.4, shape[-1])}
+      stat_ct = {"mean": jnp.linspace(0.3, -0.2, shape[-1]),
+                 "var": jnp.linspace(-0.5, 0.4, shape[-1])}
       dparams, dx = pullback((g, stat_ct))
       out.append((y, stats, dparams, dx))
     return out
@@ -73,8 +78,8 @@ def test_train_mode_matches_flax_value_stats_and_gradients(shape, eps, momentum)
 
   # float64 NumPy forward from the definition
   x64 = np.asarray(x, np.float64).reshape(-1, shape[-1])
-  ref64 = (x64 - x64.mean(0)) / np.sqrt(x64.var(0) + eps) * np.asarray(scale, np.float64) + np.asarray(bias,
-                                                                                                    np.float64)
+  scale64, bias64 = np.asarray(scale, np.float64), np.asarray(bias, np.float64)
+  ref64 = (x64 - x64.mean(0)) / np.sqrt(x64.var(0) + eps) * scale64 + bias64
   assert _max_rel_err(np.asarray(y).reshape(-1, shape[-1]), ref64) < 1e-5
 
 
@@ -88,8 +93,10 @@ def test_gradient_matches_float64_finite_differences():
     y = (x2 - x2.mean(0)) / np.sqrt(x2.var(0) + eps) * scale + bias
     return float(np.sum(y.reshape(x.shape) * np.asarray(g, np.float64)))
 
-  grads = jax.jit(jax.grad(lambda x, s, b: jnp.sum(batchnorm.batch_norm_train(x, s, b, eps, None, jnp.float32)[0] * g),
-                           argnums=(0, 1, 2)))(x, scale, bias)
+  def loss(x, s, b):
+    return jnp.sum(batchnorm.batch_norm_train(x, s, b, eps, None, jnp.float32)[0] * g)
+
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, scale, bias)
   args = [np.asarray(a, np.float64) for a in (x, scale, bias)]
   h = 1e-6
   for i, got in enumerate(grads):
@@ -106,15 +113,18 @@ def test_gradient_matches_float64_finite_differences():
 def test_large_mean_keeps_precision():
   """Activations with |mean| >> std: the gradient uses x - mean, so it stays accurate in float32."""
   x, scale, bias, g = _data((8, 5, 5, 4), seed=3, offset=100.0)
-  ours = jax.jit(jax.grad(lambda x: jnp.sum(batchnorm.batch_norm_train(x, scale, bias, 1e-3, None, jnp.float32)[0]
-                                            * g)))(x)
+  def loss(x):
+    return jnp.sum(batchnorm.batch_norm_train(x, scale, bias, 1e-3, None, jnp.float32)[0] * g)
+
+  ours = jax.jit(jax.grad(loss))(x)
   x64, g64 = np.asarray(x, np.float64).reshape(-1, 4), np.asarray(g, np.float64).reshape(-1, 4)
   n = x64.shape[0]
   xc = x64 - x64.mean(0)
   inv = 1.0 / np.sqrt(x64.var(0) + 1e-3)
-  ref = np.asarray(scale, np.float64) * inv / n * (n * g64 - g64.sum(0) - xc * inv ** 2 * (g64 * xc).sum(0))
-  # float32 itself resolves the mean of ~100 only to ~1e-5 relative: the variance E[x^2] - E[x]^2 loses
-  # ~|mean|^2 / var * 2^-24 ~ 1e-3 of it; the gradient must not lose more than that
+  ref = (np.asarray(scale, np.float64) * inv / n
+         * (n * g64 - g64.sum(0) - xc * inv ** 2 * (g64 * xc).sum(0)))
+  # float32 itself resolves the mean of ~100 only to ~1e-5 relative: the variance E[x^2] - E[x]^2
+  # loses ~|mean|^2 / var * 2^-24 ~ 1e-3 of it; the gradient must not lose more than that
   assert _max_rel_err(np.asarray(ours).reshape(-1, 4), ref) < 5e-3
 
 
@@ -130,7 +140,10 @@ def test_init_matches_flax_variables():
   x = jnp.ones((2, 4, 4, 5))
   ours = jax.eval_shape(batchnorm.BatchNorm().init, jax.random.key(0), x)
   ref = jax.eval_shape(nn.BatchNorm(use_running_average=False).init, jax.random.key(0), x)
-  assert jax.tree.map(lambda a: (a.shape, a.dtype), ours) == jax.tree.map(lambda a: (a.shape, a.dtype), ref)
+  def spec(tree):
+    return jax.tree.map(lambda a: (a.shape, a.dtype), tree)
+
+  assert spec(ours) == spec(ref)
   values = batchnorm.BatchNorm().init(jax.random.key(0), x)
   np.testing.assert_array_equal(values["batch_stats"]["var"], np.ones(5))
   np.testing.assert_array_equal(values["params"]["scale"], np.ones(5))
@@ -139,21 +152,21 @@ def test_init_matches_flax_variables():
 def test_bfloat16_output_with_float32_statistics():
   x, scale, bias, g = _data((4, 6, 6, 8), seed=9)
   xb = x.astype(jnp.bfloat16)
-  module = layers.batch_norm(True, dtype=jnp.bfloat16)
+  module = layers.batch_norm(True, dtype=jnp.bfloat16)()  # the models' BatchNorm constructor
   variables = _variables(scale, bias, 8)
   (y, state), pullback = jax.vjp(lambda x: _train_apply(module, variables, x), xb)
   assert y.dtype == jnp.bfloat16 and state["batch_stats"]["mean"].dtype == jnp.float32
   (dx,) = pullback((g.astype(jnp.bfloat16), jax.tree.map(jnp.zeros_like, state)))
   assert dx.dtype == jnp.bfloat16
-  ref_y = nn.BatchNorm(use_running_average=False, dtype=jnp.float32).apply(variables, xb.astype(jnp.float32),
-                                                                        mutable=["batch_stats"])[0]
+  ref_y = nn.BatchNorm(use_running_average=False, dtype=jnp.float32).apply(
+      variables, xb.astype(jnp.float32), mutable=["batch_stats"])[0]
   assert _max_rel_err(y, ref_y) < 2 ** -7
 
 
 def test_shard_map_axis_name_matches_flax_and_global_batch():
-  """axis_name over the 8 devices: same as nn.BatchNorm(axis_name) under shard_map (values, statistics,
-  gradients of x and of the parameters, statistics' cotangents included), and x's gradient equals that of
-  the single global batch."""
+  """axis_name over the 8 devices: same as nn.BatchNorm(axis_name) under shard_map (values,
+  statistics, gradients of x and of the parameters, statistics' cotangents included), and x's
+  gradient equals that of the single global batch."""
   x, scale, bias, g = _data((16, 3, 3, 4), seed=4)
   mesh = Mesh(np.array(jax.devices()), ("batch",))
   assert mesh.devices.size == 8
@@ -170,7 +183,8 @@ def test_shard_map_axis_name_matches_flax_and_global_batch():
   results = []
   for module in (batchnorm.BatchNorm(axis_name="batch", momentum=0.9),
                  nn.BatchNorm(use_running_average=False, axis_name="batch", momentum=0.9)):
-    fn = jax.shard_map(functools.partial(local, module), mesh=mesh, in_specs=(P(), P("batch"), P("batch")),
+    fn = jax.shard_map(functools.partial(local, module), mesh=mesh,
+                       in_specs=(P(), P("batch"), P("batch")),
                        out_specs=(P(), P(), P("batch")), check_vma=False)
     results.append(jax.jit(fn)(variables["params"], x, g))
   (value, dparams, dx), (ref_value, ref_dparams, ref_dx) = results
@@ -179,17 +193,23 @@ def test_shard_map_axis_name_matches_flax_and_global_batch():
   for name in ("scale", "bias"):
     assert _max_rel_err(dparams[name], ref_dparams[name]) < 2e-5, name
 
-  # the data term alone on the global batch, one device: x's gradient and the summed parameter gradients
+  # the data term alone on the global batch, one device: x's gradient and the summed parameter
+  # gradients
   def data_term(axis_name):
     def f(params, x, g):
-      y = batchnorm.batch_norm_train(x, params["scale"], params["bias"], 1e-5, axis_name, jnp.float32)[0]
+      y = batchnorm.batch_norm_train(x, params["scale"], params["bias"], 1e-5, axis_name,
+                                     jnp.float32)[0]
       return jnp.sum(y * g)
     return jax.grad(f, argnums=(0, 1))
-  sharded = jax.shard_map(lambda p, x, g: (lambda d: (jax.lax.psum(d[0], "batch"), d[1]))(data_term("batch")(p, x, g)),
-                          mesh=mesh, in_specs=(P(), P("batch"), P("batch")), out_specs=(P(), P("batch")),
-                          check_vma=False)
-  (dp, dx), (ref_dp, ref_dx) = jax.jit(sharded)(variables["params"], x, g), jax.jit(data_term(None))(
-      variables["params"], x, g)
+
+  def summed(p, x, g):
+    dp, dx = data_term("batch")(p, x, g)
+    return jax.lax.psum(dp, "batch"), dx
+
+  sharded = jax.shard_map(summed, mesh=mesh, in_specs=(P(), P("batch"), P("batch")),
+                          out_specs=(P(), P("batch")), check_vma=False)
+  dp, dx = jax.jit(sharded)(variables["params"], x, g)
+  ref_dp, ref_dx = jax.jit(data_term(None))(variables["params"], x, g)
   assert _max_rel_err(dx, ref_dx) < 2e-5
   for name in ("scale", "bias"):
     assert _max_rel_err(dp[name], ref_dp[name]) < 2e-5, name

@@ -34,8 +34,8 @@ def _env() -> dict:
 
 def test_quick_student_run_writes_a_table(tmp_path):
   out = tmp_path / "BENCH.md"
-  cmd = [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--only=student", "--student-model=resnet8",
-         "--image-size=32", "--losses=ce,dkd_pr", f"--out={out}"]
+  cmd = [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--only=student",
+         "--student-model=resnet8", "--image-size=32", "--losses=ce,dkd_pr", f"--out={out}"]
   proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   text = out.read_text()
@@ -53,15 +53,18 @@ def test_quick_student_run_writes_a_table(tmp_path):
 
 
 def test_training_core_and_models_do_not_import_tensorflow():
-  """The GPU machines have no TensorFlow / TFDS / ml_collections: the benchmarked modules must not need them."""
+  """The GPU machines have no TensorFlow / TFDS / ml_collections: the benchmarked modules must not
+  need them."""
   code = ("import sys; sys.path.insert(0, sys.argv[1]);"
-          "import jaxkd.train.step, jaxkd.train.state, jaxkd.train.optim, jaxkd.models, jaxkd.losses;"
+          "import jaxkd.train.step, jaxkd.train.state, jaxkd.train.optim, jaxkd.train.loop, "
+          "jaxkd.train.checkpoint, jaxkd.models, "
+          "jaxkd.losses;"
           "import bench.run;"
           "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
           "('tensorflow', 'tensorflow_datasets', 'ml_collections', 'jaxkd.data', 'torch'));"
           "assert not bad, bad")
-  proc = subprocess.run([sys.executable, "-c", code, str(REPO)], env=_env(), capture_output=True, text=True,
-                        timeout=300)
+  proc = subprocess.run([sys.executable, "-c", code, str(REPO)], env=_env(), capture_output=True,
+                        text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -91,3 +94,45 @@ def test_bad_section_names_are_rejected(capsys):
   with pytest.raises(SystemExit):
     run.parse_args(["--only=student,gpu"])
   assert "gpu" in capsys.readouterr().err
+
+
+def test_torch_interpreter_from_flag_then_environment_then_path(tmp_path, monkeypatch):
+  """--torch-python wins over JAXKD_TORCH_PYTHON, which wins over the python3s on PATH; a named
+  interpreter without torch is an error naming where it came from; none found is a skip whose
+  note says how to name one. (Which interpreters import torch is faked: no torch is needed.)"""
+  run = _load_run_module()
+  folder = tmp_path / "bin"
+  folder.mkdir()
+  path_python = folder / "python3"
+  path_python.write_text("#!/bin/sh\n")
+  path_python.chmod(0o755)
+  with_torch = {str(path_python), "/opt/flag/python", "/opt/env/python"}
+  monkeypatch.setattr(run, "_imports_torch", lambda python: python in with_torch)
+  monkeypatch.setenv("PATH", str(folder))
+  monkeypatch.delenv(run.TORCH_PYTHON_ENV, raising=False)
+  assert run.find_torch_python(None) == (str(path_python), "auto-detected")
+  monkeypatch.setenv(run.TORCH_PYTHON_ENV, "/opt/env/python")
+  assert run.find_torch_python(None) == ("/opt/env/python", "JAXKD_TORCH_PYTHON")
+  assert run.find_torch_python("/opt/flag/python") == ("/opt/flag/python", "--torch-python")
+  with pytest.raises(RuntimeError, match="--torch-python='/no/torch' cannot import torch"):
+    run.find_torch_python("/no/torch")
+  monkeypatch.setenv(run.TORCH_PYTHON_ENV, "/no/torch")
+  with pytest.raises(RuntimeError, match="JAXKD_TORCH_PYTHON='/no/torch' cannot import torch"):
+    run.find_torch_python(None)
+  monkeypatch.delenv(run.TORCH_PYTHON_ENV)
+  with_torch.clear()
+  python, why = run.find_torch_python(None)
+  assert python is None
+  assert str(path_python) in why and "--torch-python=PATH" in why and "JAXKD_TORCH_PYTHON" in why
+
+
+def test_missing_data_root_is_a_note_naming_the_flag(tmp_path):
+  run = _load_run_module()
+  assert run.parse_args([]).data_root == str(REPO.parent / "shared" / "data")
+  args = run.parse_args([f"--data-root={tmp_path}"])
+  note = run._skip_note("input", args, "cpu")
+  if importlib.util.find_spec("tensorflow") is None:
+    assert "TensorFlow is not installed" in note
+  else:
+    assert str(tmp_path / "food-101-mini") in note and "--data-root=DIR" in note
+  assert run._skip_note("student", args, "cpu") is None

@@ -1,4 +1,5 @@
-"""Checkpoint/restore gives exactly the uninterrupted run; retention; SIGTERM and SIGKILL of a real process.
+"""Checkpoint/restore gives exactly the uninterrupted run; retention; SIGTERM and SIGKILL of a real
+process training with `fit`.
 
 Reference: the same tiny training run without interruption (same programs on
 the same devices, so the comparison is bitwise).
@@ -20,7 +21,9 @@ import numpy as np
 import pytest
 
 from jaxkd.train import checkpoint as ckpt_lib
-from jaxkd.train import optim, state as state_lib, step as step_lib
+from jaxkd.train import optim
+from jaxkd.train import state as state_lib
+from jaxkd.train import step as step_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHAPE = (8, 8, 3)
@@ -35,7 +38,8 @@ class Tiny(nn.Module):
     x = nn.Conv(4, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype)(x)
     x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(x)
     x = nn.Dropout(0.2, deterministic=not train)(nn.relu(x))  # uses the state's RNG
-    return nn.Dense(self.num_classes, dtype=self.dtype)(jnp.mean(x, axis=(1, 2))).astype(jnp.float32)
+    logits = nn.Dense(self.num_classes, dtype=self.dtype)(jnp.mean(x, axis=(1, 2)))
+    return logits.astype(jnp.float32)
 
 
 def batch_for(seed: int, index: int):
@@ -51,8 +55,11 @@ def setup():
   model = Tiny()
   tx = optim.make_optimizer({"optimizer": "adam"}, optim.one_cycle(6, 1e-2))
   train_step = step_lib.make_train_step(model, {"kind": "kd"}, tx, mesh)
-  new_state = lambda seed: state_lib.create_train_state(model, jax.random.PRNGKey(seed), (1,) + SHAPE, tx,
-                                                        mesh=mesh)
+
+  def new_state(seed):
+    return state_lib.create_train_state(model, jax.random.PRNGKey(seed), (1,) + SHAPE, tx,
+                                        mesh=mesh)
+
   return mesh, train_step, new_state
 
 
@@ -79,7 +86,8 @@ def test_restore_continues_exactly(setup, tmp_path):
     state, _ = train_step(state, batch_for(0, i))
     ckpt.maybe_save(state, {"epoch": 0, "step_in_epoch": i + 1, "data_seed": 0})
   at_3 = as_numpy(state)
-  state, _ = train_step(state, batch_for(0, 3))   # donates the saved buffers while the save may be in flight
+  # Donates the saved buffers while the save may be in flight.
+  state, _ = train_step(state, batch_for(0, 3))
   ckpt.close()
 
   fresh = new_state(123)                          # different values, same structure and layout
@@ -90,8 +98,8 @@ def test_restore_continues_exactly(setup, tmp_path):
   assert_trees_equal(restored, at_3)              # params, batch_stats, opt_state, step, rng
   assert int(restored.step) == 3
   for leaf in jax.tree.leaves(restored):
-    assert leaf.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
-                                          leaf.ndim)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    assert leaf.sharding.is_equivalent_to(replicated, leaf.ndim)
   state = restored
   for i in range(position["step_in_epoch"], 6):
     state, _ = train_step(state, batch_for(0, i))
@@ -101,8 +109,8 @@ def test_restore_continues_exactly(setup, tmp_path):
 
 def test_keep_last_and_best(setup, tmp_path):
   _, train_step, new_state = setup
-  ckpt = ckpt_lib.Checkpointer(tmp_path / "ckpt", keep_last=2, keep_best=1, best_metric="val_accuracy",
-                               save_every_steps=1)
+  ckpt = ckpt_lib.Checkpointer(tmp_path / "ckpt", keep_last=2, keep_best=1,
+                               best_metric="val_accuracy", save_every_steps=1)
   val = {2: 0.40, 4: 0.90, 6: 0.55}   # epoch ends every 2 steps; step 4 is the best
   state = new_state(0)
   for i in range(7):
@@ -142,6 +150,7 @@ SCRIPT = textwrap.dedent('''
     import numpy as np
     import jax, jax.numpy as jnp, flax.linen as nn
     from jaxkd.train import checkpoint as ckpt_lib, optim, state as state_lib, step as step_lib
+    from jaxkd.train.loop import FitSpec, fit
 
     workdir, slow = sys.argv[1], sys.argv[2] == "slow"
     EPOCHS, STEPS_PER_EPOCH, SEED = 3, 4, 0
@@ -154,8 +163,8 @@ SCRIPT = textwrap.dedent('''
         x = nn.Dropout(0.2, deterministic=not train)(nn.relu(x))
         return nn.Dense(5)(jnp.mean(x, axis=(1, 2)))
 
-    def batch_for(seed, epoch, i):
-      rng = np.random.default_rng([seed, epoch, i])
+    def batch_for(seed, index):
+      rng = np.random.default_rng([seed, index // STEPS_PER_EPOCH, index % STEPS_PER_EPOCH])
       return {"image": rng.normal(size=(8, 8, 8, 3)).astype(np.float32),
               "label": rng.integers(0, 5, 8).astype(np.int32),
               "teacher_logits": rng.normal(size=(8, 5)).astype(np.float32)}
@@ -163,42 +172,44 @@ SCRIPT = textwrap.dedent('''
     mesh = step_lib.data_mesh()
     model = Tiny()
     total = EPOCHS * STEPS_PER_EPOCH
-    tx = optim.make_optimizer({"optimizer": "sgd"}, optim.one_cycle(total, 0.1))
+    tx = optim.make_optimizer({"optimizer": "sgd", "weight_decay": 5e-4},
+                              optim.one_cycle(total, 0.1))
     state = state_lib.create_train_state(model, jax.random.PRNGKey(0), (1, 8, 8, 3), tx, mesh=mesh)
     train_step = step_lib.make_train_step(model, {"kind": "dkd", "warmup": 4}, tx, mesh)
-    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "ckpt"), keep_last=2, keep_best=1,
-                                 save_every_steps=2)
+    eval_batch = batch_for(SEED + 1, 0)
     flag = ckpt_lib.install_sigterm_handler()
-    position = {"epoch": 0, "step_in_epoch": 0, "data_seed": SEED}
-    restored = ckpt.restore_latest(state)
-    if restored is not None:
-      state, position = restored
-      print("resumed", int(state.step), flush=True)
-    epoch, i = position["epoch"], position["step_in_epoch"]
-    while epoch < EPOCHS:
-      while i < STEPS_PER_EPOCH:
-        state, metrics = train_step(state, batch_for(position["data_seed"], epoch, i))
-        i += 1
-        nxt = (epoch + 1, 0) if i == STEPS_PER_EPOCH else (epoch, i)
-        position = {"epoch": nxt[0], "step_in_epoch": nxt[1], "data_seed": SEED}
-        ckpt.maybe_save(state, position)
-        print("step", int(state.step), flush=True)
-        if flag.requested:  # SIGTERM: save this step boundary (no-op if just saved), exit cleanly
-          ckpt.save(state, position)
-          ckpt.close()
-          print("preempted", int(state.step), flush=True)
-          sys.exit(0)
-        if slow:  # leave the test time to signal us after steps 3 and 9 (a SIGTERM cuts the wait)
-          end = time.time() + (5.0 if int(state.step) in (3, 9) else 0.2)
-          while time.time() < end and not flag.requested:
-            time.sleep(0.02)
-      ckpt.save(state, position, metrics={"val_accuracy": -float(metrics["loss"])})
-      epoch, i = epoch + 1, 0
-    ckpt.close()
-    flat = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(state)}
+
+    def train_batches(start):
+      if start:
+        print("resumed", start, flush=True)
+      for i in range(start, total):
+        if i > start:  # step i is done (and saved if the cadence asked for it)
+          print("step", i, flush=True)
+          if slow:  # leave the test time to signal us after steps 3 and 9 (a SIGTERM cuts the wait)
+            end = time.time() + (5.0 if i in (3, 9) else 0.2)
+            while time.time() < end and not flag.requested:
+              time.sleep(0.02)
+        yield batch_for(SEED, i)
+
+    def evaluate(variables):
+      logits = np.asarray(model.apply(variables, eval_batch["image"]))
+      return {"top1": float(np.mean(logits.argmax(-1) == eval_batch["label"])), "loss": 0.0}
+
+    spec = FitSpec(total_steps=total, steps_per_epoch=STEPS_PER_EPOCH, batch_size=8, seed=SEED,
+                   log_every_steps=2, checkpoint_every_steps=2, keep_checkpoints=2,
+                   progress=False, tensorboard=False, desc="tiny")
+    try:
+      result = fit(state, train_step, spec, stage_dir=workdir, train_batches=train_batches,
+                   evaluate=evaluate, stop=flag)
+    except ckpt_lib.StopRequested as e:  # SIGTERM: saved at the next step boundary
+      print("preempted", e.where.split("at step ")[1].split(";")[0], flush=True)
+      sys.exit(0)
+    flat = {jax.tree_util.keystr(p): np.asarray(x)
+            for p, x in jax.tree_util.tree_leaves_with_path(result.state)}
     np.savez(os.path.join(workdir, "final.npz"), **flat)
-    print("done", int(state.step), flush=True)
+    print("done", result.steps, flush=True)
 ''')
+
 
 
 def _start(script, workdir, mode):
@@ -250,8 +261,8 @@ def test_sigterm_then_sigkill_then_resume(tmp_path):
 
     victim = _start(script, tmp_path / "victim", "slow")
     procs.append(victim)
-    lines = _read_until(victim, "step 9")  # periodic saves at 6 and 8 (epoch end) exist or are in flight
-    assert lines[0].startswith(f"resumed {preempted_at}"), "".join(lines)
+    lines = _read_until(victim, "step 9")  # saves at 6 and 8 (epoch end) exist or are in flight
+    assert f"resumed {preempted_at}\n" in lines, "".join(lines)
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=30)
     assert victim.returncode == -signal.SIGKILL

@@ -81,7 +81,9 @@ def test_schema_lists_agree_with_the_code():
   loss_keys = {p.split(".")[-1] for p in schema.SCHEMA if p.startswith("student.loss.")}
   assert loss_keys == {f.name for f in dataclasses.fields(LossConfig)} | {"warmup_epochs"}
   augment_keys = {p.split(".")[-1] for p in schema.SCHEMA if p.startswith("augment.")}
-  assert augment_keys == _dataclass_fields(ROOT / "jaxkd/data/augment.py", "AugmentConfig")
+  (augment_file,) = [p for p in (ROOT / "jaxkd/data").rglob("*.py")
+                     if "class AugmentConfig" in p.read_text()]
+  assert augment_keys == _dataclass_fields(augment_file, "AugmentConfig")
   # Every optimizer / stage field the training code reads with a fallback is a key.
   read = set(re.findall(r'config_get\((?:config|cfg), "(\w+)"',
                         (ROOT / "jaxkd/train/optim.py").read_text() +
@@ -182,6 +184,40 @@ def test_validate_refuses_an_option_the_model_does_not_take():
   schema.validate(config, num_devices=8)
 
 
+def test_handoff_is_last_by_default_and_only_last_or_best():
+  config = schema.base_config()
+  assert config.teacher.handoff == "last" and config.student.handoff == "last"
+  assert schema.changes_result("student.handoff") and schema.changes_result("teacher.handoff")
+  config.student.handoff = "first"
+  with pytest.raises(schema.ConfigError, match=r"config\.student\.handoff='first': use one of "
+                                               r"'last', 'best'"):
+    schema.validate(config, num_devices=8)
+  config.student.handoff = "best"
+  config.teacher.handoff = "best"
+  schema.validate(config, num_devices=8)
+  # Imported weights taken as they are (epochs=0) have no checkpoint to choose from.
+  config.teacher.epochs = 0
+  config.teacher.pretrained = "torchvision"
+  with pytest.raises(schema.ConfigError, match=r"config\.teacher\.handoff='best' with "
+                                               r"config\.teacher\.epochs=0"):
+    schema.validate(config, num_devices=8)
+
+
+def test_a_finished_workdir_is_a_teacher_and_any_other_folder_is_refused(tmp_path):
+  # The layout of a finished teacher stage: its marker and the variables it handed on.
+  workdir = tmp_path / "run"
+  (workdir / "stages").mkdir(parents=True)
+  (workdir / "teacher" / "final_variables").mkdir(parents=True)
+  (workdir / "stages" / "teacher.json").write_text("{}")
+  config = schema.base_config()
+  config.teacher.pretrained = str(workdir)
+  schema.validate(config, num_devices=8)
+  (workdir / "stages" / "teacher.json").unlink()  # the teacher stage did not finish
+  with pytest.raises(schema.ConfigError, match=r"is a folder but not a jaxkd workdir with a "
+                                               r"finished teacher"):
+    schema.validate(config, num_devices=8)
+
+
 def test_changes_result():
   for path in ("data.num_parallel_calls", "data.data_dir", "teacher_logits.store_dir",
                "teacher_logits.batch_size", "evaluate.batch_size", "student.log_every_steps",
@@ -197,7 +233,7 @@ def test_describe_lists_values_units_meanings_and_changes():
   config = schema.load_config_file(MINI)
   text = schema.describe(config)
   lines = {line.split(" = ")[0]: line for line in text.splitlines() if " = " in line}
-  # food101_mini.py sets 10 student epochs (default 20) and keeps seed 0.
+  # food101_mini.py sets 10 student epochs (default 20) and keeps the default seed.
   assert re.match(r"student\.epochs = 10 +# \(default: 20\) \[epochs\] passes over the train split",
                   lines["student.epochs"])
   assert "(default" not in lines["seed"]
@@ -276,6 +312,7 @@ def test_pipeline_errors_and_ctrl_c_are_one_line(tmp_path, capsys, monkeypatch):
   from jaxkd.data import DataError
   from jaxkd.teacher_store import TeacherStoreError
   from jaxkd.train.checkpoint import StopRequested
+  from jaxkd.train.loop import NonFiniteLossError
   seen = {}
   for raised, code, start in ((schema.ConfigError("config.x: bad"), 2,
                                "config error: config.x: bad"),
@@ -283,10 +320,12 @@ def test_pipeline_errors_and_ctrl_c_are_one_line(tmp_path, capsys, monkeypatch):
                                "data error: 3 files do not decode:"),
                               (TeacherStoreError("teacher store s: bad. To fix: delete s"), 2,
                                "store error: teacher store s: bad."),
-                              (StopRequested(signal.SIGINT, "during teacher training at step 3"), 130,
-                               "stopped: SIGINT during teacher training at step 3"),
-                              (StopRequested(signal.SIGTERM, "during teacher training at step 3"), 0,
-                               "stopped: SIGTERM during teacher training at step 3"),
+                              (StopRequested(signal.SIGINT, "during teacher training at step 3"),
+                               130, "stopped: SIGINT during teacher training at step 3"),
+                              (StopRequested(signal.SIGTERM, "during teacher training at step 3"),
+                               0, "stopped: SIGTERM during teacher training at step 3"),
+                              (NonFiniteLossError("student", 7, float("nan")), 1,
+                               "training error: student training: the loss is nan at step 7"),
                               (KeyboardInterrupt(), 130, "interrupted: ")):
     def run(config, options, raised=raised):  # in place of jax setup + jaxkd.experiment.run
       seen["epochs"], seen["workdir"] = config.student.epochs, options["workdir"]
@@ -323,7 +362,7 @@ def test_print_config_from_another_directory_without_jax(tmp_path):
                         "--config.student.epochs=7"], cwd=tmp_path, capture_output=True, text=True,
                        timeout=120, env={**_env(), "PYTHONPATH": str(ROOT)})
   assert res.returncode == 0, res.stderr
-  line = next(l for l in res.stdout.splitlines() if l.startswith("student.epochs = "))
+  line = next(x for x in res.stdout.splitlines() if x.startswith("student.epochs = "))
   assert line.startswith("student.epochs = 7 ") and "[epochs] passes over the train split" in line
   help_text = _main_py("--help").stdout
   assert "--print_config" in help_text and "--config.student.model_kwargs.width_mult" in help_text

@@ -2,18 +2,19 @@
 
 The reference is torchvision itself, run by the system Python (`/usr/bin/python3` with Debian's
 python3-torchvision; the test venv has no torch) in a subprocess: it builds `resnet50()`,
-`mobilenet_v3_large()` and `mobilenet_v3_small()` with a fixed seed, randomises every BatchNorm's affine
-parameters and every bias, measures the BN running statistics on calibration images (so that eval-mode BN is
-not the identity), and writes the state dicts (np.savez), one random 224 px image (smooth random pattern plus
-noise) and torchvision's eval-mode logits for it and for its transpose. The tests write the state dicts as
-.safetensors, import them with `load_pretrained` and compare the Flax logits with torchvision's (float32,
-max |difference| relative to the largest |logit|). Tests skip, saying why, when torch/torchvision are not
-importable there.
+`mobilenet_v3_large()` and `mobilenet_v3_small()` with a fixed seed, randomises every BatchNorm's
+affine parameters and every bias, measures the BN running statistics on calibration images (so
+that eval-mode BN is not the identity), and writes the state dicts (np.savez), one random 224 px
+image (smooth random pattern plus noise) and torchvision's eval-mode logits for it and for its
+transpose. The tests write the state dicts as .safetensors, import them with `load_pretrained` and
+compare the Flax logits with torchvision's (float32, max |difference| relative to the largest
+|logit|). Tests skip, saying why, when torch/torchvision are not importable there.
 
-timm's naming: timm/models/resnet.py (huggingface/pytorch-image-models) names the plain ResNet exactly as
-torchvision (conv1, bn1, layer{s}.{i}.conv{j}/bn{j}, downsample.0 = conv, downsample.1 = BN, fc); its published
-checkpoints are flat state dicts (hub safetensors) or training checkpoints {'state_dict': ..., 'epoch': ...} with
-'module.' prefixes from DataParallel; its deep-stem variants (resnet50d: conv1.0/.1/...) are other architectures.
+timm's naming: timm/models/resnet.py (huggingface/pytorch-image-models) names the plain ResNet
+exactly as torchvision (conv1, bn1, layer{s}.{i}.conv{j}/bn{j}, downsample.0 = conv,
+downsample.1 = BN, fc); its published checkpoints are flat state dicts (hub safetensors) or
+training checkpoints {'state_dict': ..., 'epoch': ...} with 'module.' prefixes from DataParallel;
+its deep-stem variants (resnet50d: conv1.0/.1/...) are other architectures.
 """
 from __future__ import annotations
 
@@ -28,15 +29,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import system_torch
 from safetensors.numpy import save_file
 
-import system_torch
 from jaxkd import models
 from jaxkd.models import convert
 
 RTOL = 1e-4
 
-REFERENCE_SCRIPT = r"""
+TORCHVISION_SCRIPT = r"""
 import json, sys
 import numpy as np
 import torch, torchvision
@@ -46,17 +47,18 @@ out = sys.argv[1]
 
 
 def images(n, seed):
-  # Smooth random patterns plus fine noise: global pooling does not average the content away, so the logits
-  # depend on the image (i.i.d. noise images give nearly the same logits for any input).
+  # Smooth random patterns plus fine noise: global pooling does not average the content away, so
+  # the logits depend on the image (i.i.d. noise images give nearly the same logits for any input).
   g = torch.Generator().manual_seed(seed)
-  coarse = torch.nn.functional.interpolate(torch.randn(n, 3, 7, 7, generator=g), size=(224, 224), mode="bicubic",
-                                           align_corners=False)
+  coarse = torch.nn.functional.interpolate(torch.randn(n, 3, 7, 7, generator=g), size=(224, 224),
+                                           mode="bicubic", align_corners=False)
   return coarse + 0.3 * torch.randn(n, 3, 224, 224, generator=g)
 
 
 def randomise(model, seed):
   # Random BN affine parameters and biases; BN running statistics measured on 4 calibration images
-  # (train-mode forward, cumulative average), so eval-mode BN is non-trivial and activations stay O(1).
+  # (train-mode forward, cumulative average), so eval-mode BN is non-trivial and activations stay
+  # O(1).
   g = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for module in model.modules():
@@ -81,7 +83,8 @@ for seed, name in enumerate(["resnet50", "mobilenet_v3_large", "mobilenet_v3_sma
     np.save(f"{out}/{name}_logits.npy", model(image).numpy())
     np.save(f"{out}/{name}_logits_transposed.npy", model(image.transpose(2, 3)).numpy())
   np.savez(f"{out}/{name}_state.npz", **{k: v.numpy() for k, v in model.state_dict().items()})
-shapes = {name: {k: list(v.shape) for k, v in getattr(torchvision.models, name)().state_dict().items()}
+shapes = {name: {k: list(v.shape)
+                 for k, v in getattr(torchvision.models, name)().state_dict().items()}
           for name in ["resnet18", "resnet34", "resnet101"]}
 json.dump(shapes, open(f"{out}/shapes.json", "w"))
 """
@@ -94,7 +97,8 @@ import torch
 
 out = sys.argv[1]
 state = dict(np.load(f"{out}/mobilenet_v3_large_state.npz"))
-checkpoint = {"epoch": 3, "arch": "mobilenet_v3_large", "optimizer": {"param_groups": [{"step": 10}]},
+checkpoint = {"epoch": 3, "arch": "mobilenet_v3_large",
+              "optimizer": {"param_groups": [{"step": 10}]},
               "state_dict": {"module." + k: torch.from_numpy(v) for k, v in state.items()}}
 torch.save(checkpoint, f"{out}/checkpoint.pth.tar")
 """
@@ -102,12 +106,13 @@ torch.save(checkpoint, f"{out}/checkpoint.pth.tar")
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> pathlib.Path:
-  """Directory with torchvision's state dicts (npz), image, logits and shapes; their .safetensors versions."""
+  """Directory with torchvision's state dicts (npz), image, logits and shapes; their .safetensors
+  versions."""
   problem = system_torch.problem()
   if problem:
     pytest.skip(f"torchvision reference unavailable: {problem}")
   out = tmp_path_factory.mktemp("torchvision_reference")
-  system_torch.run(REFERENCE_SCRIPT, str(out))
+  system_torch.run(TORCHVISION_SCRIPT, str(out))
   for name in ["resnet50", "mobilenet_v3_large", "mobilenet_v3_small"]:
     save_file(_state(out, name), str(out / f"{name}.safetensors"))
   return out
@@ -129,8 +134,9 @@ def _flat(tree, prefix: str = "") -> dict[str, np.ndarray]:
 
 
 def _init_subset(name: str, num_classes: int, paths: list[str], **kwargs) -> dict[str, np.ndarray]:
-  """The model's own `model.init(key(0), x)` values at `paths` (Flax derives each parameter's random stream from
-  its module path, so the jitted subset equals the full init; only the selection is compiled)."""
+  """The model's own `model.init(key(0), x)` values at `paths` (Flax derives each parameter's
+  random stream from its module path, so the jitted subset equals the full init; only the
+  selection is compiled)."""
   model = models.create(name, num_classes=num_classes, **kwargs)
 
   def select(key):
@@ -155,13 +161,14 @@ def _relative_error(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.mark.parametrize("name", ["resnet50", "mobilenet_v3_large", "mobilenet_v3_small"])
 def test_logits_match_torchvision(reference, name):
-  variables, report = convert.load_pretrained(name, reference / f"{name}.safetensors", num_classes=1000,
-                                              return_report=True)
+  variables, report = convert.load_pretrained(name, reference / f"{name}.safetensors",
+                                              num_classes=1000, return_report=True)
   assert report.kept_at_init == [] and report.head_replaced == [] and report.ignored_keys == []
   image = np.load(reference / "image.npy").transpose(0, 2, 3, 1)  # NCHW -> NHWC
   expected = np.load(reference / f"{name}_logits.npy")
-  # The reference logits depend on the image, even on its orientation: a kernel layout error (kh <-> kw, i.e. the
-  # network applied to the transposed image) would be a large error, far above RTOL.
+  # The reference logits depend on the image, even on its orientation: a kernel layout error
+  # (kh <-> kw, i.e. the network applied to the transposed image) would be a large error, far
+  # above RTOL.
   assert _relative_error(np.load(reference / f"{name}_logits_transposed.npy"), expected) > 0.05
   model = models.create(name, num_classes=1000)
   apply = jax.jit(model.apply)
@@ -169,36 +176,42 @@ def test_logits_match_torchvision(reference, name):
   error = _relative_error(logits, expected)
   print(f"{name}: max |flax - torchvision| / max |torchvision| = {error:.2e}")
   assert error < RTOL, f"{name}: relative logit error {error:.2e}"
-  # The randomised running statistics matter: with BN statistics at init (0, 1) the logits are far off.
+  # The randomised running statistics matter: with BN statistics at init (0, 1) the logits are far
+  # off.
   reset = jax.tree.map(lambda v: v, variables)
   reset["batch_stats"] = jax.tree_util.tree_map_with_path(
-      lambda p, v: np.zeros_like(v) if p[-1].key == "mean" else np.ones_like(v), variables["batch_stats"])
+      lambda p, v: np.zeros_like(v) if p[-1].key == "mean" else np.ones_like(v),
+      variables["batch_stats"])
   assert _relative_error(np.asarray(apply(reset, image)), expected) > 1e-2
 
 
 def test_other_torchvision_resnets_map_strictly(reference):
-  """resnet18/34/101: torchvision's key set and shapes convert with no missing / unexpected / mis-shaped key."""
+  """resnet18/34/101: torchvision's key set and shapes convert with no missing / unexpected /
+  mis-shaped key."""
   shapes = json.loads((reference / "shapes.json").read_text())
   for name, key_shapes in shapes.items():
     state = {k: np.broadcast_to(np.float32(0.5), s) for k, s in key_shapes.items()}
     variables, report = convert.convert_state_dict(name, state, num_classes=1000)
     n_params = sum(v.size for v in jax.tree.leaves(variables["params"]))
-    expected = sum(np.prod(s) for k, s in key_shapes.items() if not k.endswith(("running_mean", "running_var",
-                                                                                  "num_batches_tracked")))
+    buffers = ("running_mean", "running_var", "num_batches_tracked")
+    expected = sum(np.prod(s) for k, s in key_shapes.items() if not k.endswith(buffers))
     assert n_params == expected, name
     assert not report.kept_at_init and not report.head_replaced and not report.ignored_keys
 
 
 def test_timm_resnet_naming_and_wrappers(reference, tmp_path):
-  """A timm-style resnet50 checkpoint (no num_batches_tracked, 'module.' / 'model.' prefixes) loads to
-  exactly the torchvision variables; a timm deep-stem variant is refused with a hint."""
-  torchvision_vars = convert.load_pretrained("resnet50", reference / "resnet50.safetensors", num_classes=1000)
+  """A timm-style resnet50 checkpoint (no num_batches_tracked, 'module.' / 'model.' prefixes) loads
+  to exactly the torchvision variables; a timm deep-stem variant is refused with a hint."""
+  torchvision_vars = convert.load_pretrained("resnet50", reference / "resnet50.safetensors",
+                                             num_classes=1000)
   state = _state(reference, "resnet50")
   timm = {f"module.model.{k}": v for k, v in state.items() if not k.endswith("num_batches_tracked")}
   save_file(timm, str(tmp_path / "timm_resnet50.safetensors"))
-  timm_vars = convert.load_pretrained("resnet50", tmp_path / "timm_resnet50.safetensors", num_classes=1000)
+  timm_vars = convert.load_pretrained("resnet50", tmp_path / "timm_resnet50.safetensors",
+                                      num_classes=1000)
   _assert_same_variables(timm_vars, torchvision_vars)
-  wrapped = convert.convert_state_dict("resnet50", {"epoch": 3, "state_dict": timm}, num_classes=1000)[0]
+  wrapped = convert.convert_state_dict("resnet50", {"epoch": 3, "state_dict": timm},
+                                       num_classes=1000)[0]
   _assert_same_variables(wrapped, torchvision_vars)
   deep_stem = {k: v for k, v in state.items() if not k.startswith("conv1.")}
   deep_stem["conv1.0.weight"] = np.zeros((32, 3, 3, 3), np.float32)
@@ -226,8 +239,8 @@ def test_pth_training_checkpoint_read_without_torch(reference, monkeypatch):
 def test_head_replaced_for_other_num_classes(reference, name, head, caplog):
   full = convert.load_pretrained(name, reference / f"{name}.safetensors", num_classes=1000)
   with caplog.at_level(logging.WARNING, logger=convert.__name__):
-    variables, report = convert.load_pretrained(name, reference / f"{name}.safetensors", num_classes=101,
-                                                return_report=True)
+    variables, report = convert.load_pretrained(name, reference / f"{name}.safetensors",
+                                                num_classes=101, return_report=True)
   assert "has 1000 classes, the model 101" in caplog.text and head in caplog.text
   assert report.checkpoint_num_classes == 1000
   assert report.head_replaced == [f"params/{head}/bias", f"params/{head}/kernel"]
@@ -244,7 +257,8 @@ def test_mismatches_reported_together(reference, tmp_path):
   state = _state(reference, "mobilenet_v3_large")
   state["features.99.0.weight"] = np.zeros((8, 8, 1, 1), np.float32)  # unknown
   del state["features.3.block.1.1.running_var"]  # missing
-  state["features.5.block.0.0.weight"] = np.zeros((120, 40, 3, 3), np.float32)  # should be [120, 40, 1, 1]
+  # should be [120, 40, 1, 1]:
+  state["features.5.block.0.0.weight"] = np.zeros((120, 40, 3, 3), np.float32)
   path = tmp_path / "broken.safetensors"
   save_file(state, str(path))
   with pytest.raises(convert.CheckpointMismatchError) as info:
@@ -254,31 +268,35 @@ def test_mismatches_reported_together(reference, tmp_path):
   assert "broken.safetensors" in message and "'mobilenet_v3_large'" in message
   assert "1 unexpected key(s), 1 missing key(s), 1 wrong shape(s)" in message
   lines = [line.split() for line in message.splitlines()]
-  assert ["unexpected", "key", "features.99.0.weight", "found", "[8,", "8,", "1,", "1]"] == lines[1][:8]
+  assert (["unexpected", "key", "features.99.0.weight", "found", "[8,", "8,", "1,", "1]"]
+          == lines[1][:8])
   assert ["missing", "key", "features.3.block.1.1.running_var", "expected", "[72]"] == lines[2][:5]
   assert "batch_stats/features_3/block_1/bn/var" in message
-  assert ["wrong", "shape", "features.5.block.0.0.weight", "expected", "[120,", "40,", "1,", "1],", "found",
-          "[120,", "40,", "3,", "3]"] == lines[3][:13]
-  variables, report = convert.load_pretrained("mobilenet_v3_large", path, num_classes=1000, strict=False,
-                                              return_report=True)
+  assert ["wrong", "shape", "features.5.block.0.0.weight", "expected", "[120,", "40,", "1,", "1],",
+          "found", "[120,", "40,", "3,", "3]"] == lines[3][:13]
+  variables, report = convert.load_pretrained("mobilenet_v3_large", path, num_classes=1000,
+                                              strict=False, return_report=True)
   assert len(report.problems) == 3 and report.ignored_keys == ["features.99.0.weight"]
   assert variables["batch_stats"]["features_3"]["block_1"]["bn"]["var"].shape == (72,)
 
 
 @pytest.mark.parametrize("name,kwargs,kept,ignored", [
-    ("mobilenet_v3_large_eca", {}, [f"params/stage{s}_attention/conv/kernel" for s in range(1, 6)], 0),
+    ("mobilenet_v3_large_eca", {},
+     [f"params/stage{s}_attention/conv/kernel" for s in range(1, 6)], 0),
     ("mobilenet_v3_large", {"attention": "eca"},
      [f"params/features_{n}/block_2/conv/kernel" for n in (4, 5, 6, 11, 12, 13, 14, 15)], 32),
     ("mobilenet_v3_large", {"attention": "simam"}, [], 32),
 ])
-def test_attention_variants_keep_only_new_modules_at_init(reference, caplog, name, kwargs, kept, ignored):
-  plain = convert.load_pretrained("mobilenet_v3_large", reference / "mobilenet_v3_large.safetensors",
-                                  num_classes=1000)
+def test_attention_variants_keep_only_new_modules_at_init(reference, caplog, name, kwargs, kept,
+                                                          ignored):
+  checkpoint = reference / "mobilenet_v3_large.safetensors"
+  plain = convert.load_pretrained("mobilenet_v3_large", checkpoint, num_classes=1000)
   with caplog.at_level(logging.WARNING, logger=convert.__name__):
-    variables, report = convert.load_pretrained(name, reference / "mobilenet_v3_large.safetensors",
-                                                num_classes=1000, model_kwargs=kwargs, return_report=True)
+    variables, report = convert.load_pretrained(name, checkpoint, num_classes=1000,
+                                                model_kwargs=kwargs, return_report=True)
   assert sorted(report.kept_at_init) == sorted(kept)
-  assert len(report.ignored_keys) == ignored and all(".fc1." in k or ".fc2." in k for k in report.ignored_keys)
+  assert len(report.ignored_keys) == ignored
+  assert all(".fc1." in k or ".fc2." in k for k in report.ignored_keys)
   if kept:
     assert "keep their initial values" in caplog.text
   flat, flat_plain = _flat(variables), _flat(plain)
@@ -292,8 +310,8 @@ def test_attention_variants_keep_only_new_modules_at_init(reference, caplog, nam
 
 
 def test_download_cache_hit_and_file_url(tmp_path, monkeypatch):
-  """Cache hit: no network. Download (from a file:// URL standing in for download.pytorch.org): the sha256
-  prefix in the file name is checked and a bad file leaves nothing in the cache."""
+  """Cache hit: no network. Download (from a file:// URL standing in for download.pytorch.org): the
+  sha256 prefix in the file name is checked and a bad file leaves nothing in the cache."""
   cache = tmp_path / "cache"
   cache.mkdir()
   (cache / "resnet50-0676ba61.pth").write_bytes(b"cached")
@@ -303,7 +321,8 @@ def test_download_cache_hit_and_file_url(tmp_path, monkeypatch):
 
   monkeypatch.setattr(urllib.request, "urlopen", no_network)
   assert convert.download_pretrained("resnet50", cache_dir=cache) == cache / "resnet50-0676ba61.pth"
-  assert convert.torchvision_url("mobilenet_v3_large_eca").endswith("/mobilenet_v3_large-8738ca79.pth")
+  assert convert.torchvision_url("mobilenet_v3_large_eca").endswith(
+      "/mobilenet_v3_large-8738ca79.pth")
   # The cached file is what load_pretrained goes on to read (without torch).
   monkeypatch.setitem(sys.modules, "torch", None)
   with pytest.raises(ValueError, match=r"resnet50-0676ba61\.pth' is not a PyTorch checkpoint"):

@@ -13,10 +13,10 @@ import math
 import jax
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import jaxkd.data as data
 from jaxkd.data import augment
-import tensorflow as tf
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,8 @@ def test_eval_every_example_exactly_once_on_8_devices(food, mesh, data_variant):
   seen, weights, labels = [], [], []
   for b in batches:
     assert b["image"].shape == (24, 32, 32, 3)
-    assert b["image"].sharding == jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    assert b["image"].sharding == spec
     w = np.asarray(b["weight"])
     seen += [k for k, wi in zip(b["key"], w) if wi == 1.0]
     assert all(k == b"" for k, wi in zip(b["key"], w) if wi == 0.0)
@@ -85,26 +86,29 @@ def test_eval_simulated_hosts_cover_split_once(cifar):
   expected = set(cifar.index("val")[0].tolist())
   per_host = []
   for pi in range(3):
-    ds = data.eval_dataset(cifar, "val", global_batch_size=48, image_size=16, process_index=pi, process_count=3,
-                           num_devices=8)
+    ds = data.eval_dataset(cifar, "val", global_batch_size=48, image_size=16, process_index=pi,
+                           process_count=3, num_devices=8)
     batches = list(ds.as_numpy_iterator())
     assert all(b["image"].shape[0] == 16 for b in batches)
-    per_host.append((len(batches), [k for b in batches for k, w in zip(b["key"], b["weight"]) if w == 1]))
+    real = [k for b in batches for k, w in zip(b["key"], b["weight"]) if w == 1]
+    per_host.append((len(batches), real))
   assert len({nb for nb, _ in per_host}) == 1  # hosts stay in lock-step
   keys = [k for _, ks in per_host for k in ks]
   assert len(keys) == len(set(keys)) == len(expected) and set(keys) == expected
 
 
 def test_train_batches_sharded_along_data(food, mesh):
-  it = data.train_batches(food, "train", global_batch_size=16, augment={"image_size": 32, "dtype": "bfloat16"},
-                          seed=0, mesh=mesh, shuffle_buffer=256)
+  it = data.train_batches(food, "train", global_batch_size=16,
+                          augment={"image_size": 32, "dtype": "bfloat16"}, seed=0, mesh=mesh,
+                          shuffle_buffer=256)
   batch = next(it)
   spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   for name in ("image", "label", "weight"):
     assert batch[name].sharding == spec and batch[name].shape[0] == 16
   assert batch["image"].dtype == jax.numpy.bfloat16 and batch["image"].shape == (16, 32, 32, 3)
   assert [s.data.shape[0] for s in batch["image"].addressable_shards] == [2] * 8
-  assert batch["key"].shape == (16,) and set(batch["key"].tolist()) <= set(food.index("train")[0].tolist())
+  assert batch["key"].shape == (16,)
+  assert set(batch["key"].tolist()) <= set(food.index("train")[0].tolist())
   with pytest.raises(ValueError, match="not a positive multiple of the 8 devices"):
     data.train_batches(food, "train", global_batch_size=12, augment={"image_size": 32}, mesh=mesh)
 
@@ -114,7 +118,8 @@ def test_augment_outputs_shape_dtype_range(food_images):
   hi = (1.0 - np.array(augment.MEAN_RGB)) / np.array(augment.STD_RGB)
   seed = tf.constant([3, 4], tf.int64)
   configs = [
-      dict(image_size=48, color_jitter=(0.4, 0.4, 0.4, 0.1), randaugment_num_ops=2, randaugment_magnitude=9),
+      dict(image_size=48, color_jitter=(0.4, 0.4, 0.4, 0.1), randaugment_num_ops=2,
+           randaugment_magnitude=9),
       dict(image_size=48, train_crop="resize_random_crop", autoaugment="imagenet"),
       dict(image_size=48, dtype="bfloat16"),
   ]
@@ -125,12 +130,14 @@ def test_augment_outputs_shape_dtype_range(food_images):
     assert out.shape == (48, 48, 3) and out.dtype == cfg.tf_dtype, path
     x = out.numpy().astype(np.float32)
     assert np.all(x >= lo - 1e-2) and np.all(x <= hi + 1e-2)
-    np.testing.assert_array_equal(x, augment.train_preprocess(raw, seed, cfg).numpy().astype(np.float32))
+    again = augment.train_preprocess(raw, seed, cfg).numpy().astype(np.float32)
+    np.testing.assert_array_equal(x, again)
     assert augment.eval_preprocess(raw, cfg).shape == (48, 48, 3)
   # Eval: normalisation checked in float64 on an image that needs no resizing (PNG input).
   pixels = np.random.default_rng(0).integers(0, 256, size=(40, 40, 3), dtype=np.uint8)
   png = tf.io.encode_png(pixels)
-  out = augment.eval_preprocess(png, augment.AugmentConfig(image_size=40, eval_crop_fraction=1.0)).numpy()
+  cfg = augment.AugmentConfig(image_size=40, eval_crop_fraction=1.0)
+  out = augment.eval_preprocess(png, cfg).numpy()
   ref = (pixels / 255.0 - np.array(augment.MEAN_RGB)) / np.array(augment.STD_RGB)
   np.testing.assert_allclose(out, ref, atol=1e-5)
   # Random erasing with p = 1 replaces a box and nothing else.
@@ -146,8 +153,8 @@ def test_mixup_cutmix_mix_labels_and_teacher_logits():
   b, c, s = 8, 5, 16
   labels = tf.constant([0, 1, 2, 3, 4, 0, 1, 2], tf.int32)
   values = np.arange(b, dtype=np.float32)  # example i is the constant image i
-  batch = {"image": tf.constant(np.broadcast_to(values[:, None, None, None], (b, s, s, 3))), "label": labels,
-           "teacher_logits": tf.one_hot(labels, c) * 3.0}
+  batch = {"image": tf.constant(np.broadcast_to(values[:, None, None, None], (b, s, s, 3))),
+           "label": labels, "teacher_logits": tf.one_hot(labels, c) * 3.0}
   seed = tf.constant([7, 8], tf.int64)
   mixup = augment.AugmentConfig(image_size=s, mixup_lambda_range=(0.2, 0.4))
   out = {k: v.numpy() for k, v in augment.mix_batch(batch, seed, mixup, num_classes=c).items()}
@@ -213,7 +220,8 @@ def test_teacher_logits_joined_by_key_after_shuffle(food):
   num_classes = food.num_classes
   logits = np.random.default_rng(1).normal(size=(len(keys), num_classes)).astype(np.float32)
   table = tf.lookup.StaticHashTable(
-      tf.lookup.KeyValueTensorInitializer(tf.constant(keys.tolist()), tf.range(len(keys), dtype=tf.int64)), -1)
+      tf.lookup.KeyValueTensorInitializer(tf.constant(keys.tolist()),
+                                          tf.range(len(keys), dtype=tf.int64)), -1)
   store = tf.constant(logits)
   row_of = {k: i for i, k in enumerate(keys.tolist())}
 
@@ -223,8 +231,9 @@ def test_teacher_logits_joined_by_key_after_shuffle(food):
   it = data.train_batches(food, "train", global_batch_size=32, augment={"image_size": 16}, seed=2,
                           teacher_lookup=lookup, shuffle_buffer=512)
   for batch in itertools.islice(it, 2):
-    assert batch["teacher_logits"].shape == (32, num_classes) and batch["teacher_logits"].dtype == np.float32
-    np.testing.assert_array_equal(batch["teacher_logits"], logits[[row_of[k] for k in batch["key"]]])
+    got = batch["teacher_logits"]
+    assert got.shape == (32, num_classes) and got.dtype == np.float32
+    np.testing.assert_array_equal(got, logits[[row_of[k] for k in batch["key"]]])
 
 
 def test_pixel_ops_match_pil(food_images):
@@ -245,3 +254,53 @@ def test_pixel_ops_match_pil(food_images):
     np.testing.assert_allclose(ours.numpy(), np.asarray(ref, np.float32), atol=1.0)
   for op in (augment.op_rotate, augment.op_shear_x, augment.op_translate_y, augment.op_color):
     np.testing.assert_allclose(op(x, 0.0, no).numpy(), x.numpy(), atol=1e-3)  # level 0 = identity
+
+
+def _assert_same_batches(expected, got, what):
+  assert len(got) == len(expected), what
+  for i, (a, b) in enumerate(zip(expected, got)):
+    assert sorted(a) == sorted(b), what
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=f"{what}, batch {i}, field {k}")
+
+
+def test_eval_start_batch_is_the_tail_and_skips_decoding(generated_image_folder_flat, tmp_path):
+  """eval_batches(start_batch=k) == batches k.. of the whole pass, and batches < k are not read.
+
+  18 val examples in global batches of 8: 3 batches, the last with 2 real rows and 6 padding
+  rows. On two simulated hosts (local batches of 4, 9 examples each) start_batch=3 skips into
+  the padding. Then the files of batches 0 and 1 are overwritten with bytes no decoder reads:
+  the pass from batch 2 is unchanged, while the passes that include them fail.
+  """
+  import shutil
+
+  root = tmp_path / "folder"
+  shutil.copytree(generated_image_folder_flat, root)
+  source = data.get_source("image_folder", manual_dir=root, data_dir=tmp_path / "tfds")
+  assert source.num_examples("val") == 18
+  kw = dict(global_batch_size=8, image_size=16)
+  full = list(data.eval_batches(source, "val", **kw))
+  assert len(full) == 3 and [int(b["weight"].sum()) for b in full] == [8, 8, 2]
+  for start in range(4):
+    tail = list(data.eval_batches(source, "val", start_batch=start, **kw))
+    _assert_same_batches(full[start:], tail, f"start_batch={start}")
+  for pi in range(2):
+    host = dict(process_index=pi, process_count=2, num_devices=8, **kw)
+    whole = list(data.eval_dataset(source, "val", **host).as_numpy_iterator())
+    assert len(whole) == 3 and [int(b["weight"].sum()) for b in whole] == [4, 4, 1]
+    for start in range(4):
+      tail = list(data.eval_dataset(source, "val", start_batch=start, **host).as_numpy_iterator())
+      _assert_same_batches(whole[start:], tail, f"host {pi}, start_batch={start}")
+  with pytest.raises(ValueError, match=r"start_batch=4 must be in \[0, 3\]"):
+    data.eval_batches(source, "val", start_batch=4, **kw)
+
+  skipped = [k.decode() for b in full[:2] for k, w in zip(b["key"], b["weight"]) if w == 1]
+  assert len(skipped) == 16
+  for key in skipped:
+    (path,) = root.glob(key + ".*")
+    path.write_bytes(b"not an image at all")
+  _assert_same_batches(full[2:], list(data.eval_batches(source, "val", start_batch=2, **kw)),
+                       "start_batch=2 over undecodable skipped files")
+  for start in (0, 1):
+    with pytest.raises(tf.errors.InvalidArgumentError):
+      list(data.eval_batches(source, "val", start_batch=start, **kw))

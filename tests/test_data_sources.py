@@ -13,11 +13,11 @@ import re
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
 
 import jaxkd.data as data
 from jaxkd.data import augment, food101_local, sources
-import tensorflow as tf
 
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif"}
 REAL_GRAYSCALE_KEY = "bread_pudding/1375816"  # documented in ../shared/data/README.md
@@ -26,7 +26,8 @@ REAL_GRAYSCALE_KEY = "bread_pudding/1375816"  # documented in ../shared/data/REA
 def _meta(food_dir):
   """(classes, {'train'|'test': {key: label}}) read from food-101/meta with json only."""
   meta = food_dir / "meta"
-  classes = [l.strip() for l in (meta / "classes.txt").read_text().splitlines() if l.strip()]
+  classes = [line.strip() for line in (meta / "classes.txt").read_text().splitlines()
+             if line.strip()]
   label_of = {c: i for i, c in enumerate(classes)}
   splits = {}
   for split in ("train", "test"):
@@ -74,8 +75,8 @@ def folder_split(data_variant, request):
 
 def _keys_labels(ds):
   out = {}
-  for k, l in ds.map(lambda ex: (ex["key"], ex["label"])).batch(1024).as_numpy_iterator():
-    out.update({kk.decode(): int(ll) for kk, ll in zip(k, l)})
+  for keys, labels in ds.map(lambda ex: (ex["key"], ex["label"])).batch(1024).as_numpy_iterator():
+    out.update({k.decode(): int(label) for k, label in zip(keys, labels)})
   return out
 
 
@@ -100,7 +101,8 @@ def test_food101_local_matches_meta(food, food_dir, data_variant):
   assert _keys_labels(food.as_dataset("test")) == meta["test"]
   # The element contract: encoded bytes, int32 label, string key.
   spec = food.as_dataset("test").element_spec
-  assert spec["image"].dtype == tf.string and spec["label"].dtype == tf.int32 and spec["key"].dtype == tf.string
+  assert spec["image"].dtype == tf.string and spec["label"].dtype == tf.int32
+  assert spec["key"].dtype == tf.string
 
 
 def test_grayscale_image_comes_out_rgb(food, grayscale_key):
@@ -112,7 +114,8 @@ def test_grayscale_image_comes_out_rgb(food, grayscale_key):
   np.testing.assert_array_equal(rgb[..., 0], rgb[..., 2])
   cfg = augment.AugmentConfig(image_size=32)
   assert augment.eval_preprocess(tf.constant(raw), cfg).shape == (32, 32, 3)
-  assert augment.train_preprocess(tf.constant(raw), tf.constant([1, 2], tf.int64), cfg).shape == (32, 32, 3)
+  image = augment.train_preprocess(tf.constant(raw), tf.constant([1, 2], tf.int64), cfg)
+  assert image.shape == (32, 32, 3)
 
 
 def test_png_named_jpg_is_stored_and_decoded(generated_food101_tree, food101_local_source):
@@ -170,7 +173,8 @@ def test_assign_val_fraction_and_rounding():
   assert [int(is_val[np.asarray(labels) == c].sum()) for c in range(3)] == [2, 2, 2]
   # Order of the input does not matter.
   perm = np.random.default_rng(0).permutation(len(keys))
-  again = data.assign_val([keys[i] for i in perm], [labels[i] for i in perm], val_fraction=0.25, seed=3)
+  again = data.assign_val([keys[i] for i in perm], [labels[i] for i in perm], val_fraction=0.25,
+                          seed=3)
   assert {keys[i] for i in perm[again]} == {k for k, v in zip(keys, is_val) if v}
 
 
@@ -189,7 +193,7 @@ def test_image_folder_single_tree(folder_flat, data_variant, tfds_data_dir):
   keys, labels = src.index("trainval")
   assert keys[0].decode() == min(listing[names[0]])
   assert collections.Counter(labels.tolist()) == counts
-  assert {k.decode(): int(l) for k, l in zip(keys, labels)} == {
+  assert {k.decode(): int(label) for k, label in zip(keys, labels)} == {
       k: c for c, name in enumerate(names) for k in listing[name]}
   n_val = sum(_n_val(n) for n in counts.values())
   assert src.num_examples("val") == n_val
@@ -282,7 +286,9 @@ def test_tfds_sources_construct_offline(tmp_path):
     src = data.get_source(name, data_dir=tmp_path, download=False)
     assert isinstance(src, sources.TfdsSource) and src.num_classes == num_classes
   food = data.get_source("food101", data_dir=tmp_path, download=False)
-  assert food.version == "2.1.0" and food.key_feature == "id" and food.test_split_name == "validation"
-  assert data.get_source("imagenet2012", data_dir=tmp_path, download=False).key_feature == "file_name"
+  assert food.version == "2.1.0" and food.key_feature == "id"
+  assert food.test_split_name == "validation"
+  imagenet = data.get_source("imagenet2012", data_dir=tmp_path, download=False)
+  assert imagenet.key_feature == "file_name"
   with pytest.raises(FileNotFoundError, match="not prepared"):
     food.num_examples("test")

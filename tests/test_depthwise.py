@@ -1,6 +1,6 @@
 """jaxkd.models.depthwise: the CPU shifted-slice path equals XLA's grouped convolution.
 
-References: `lax.conv_general_dilated(feature_group_count=C)` (value, jax.vjp for both
+Compared with: `lax.conv_general_dilated(feature_group_count=C)` (value, jax.vjp for both
 gradients, jax.jvp) and, for one small case, a float64 NumPy loop written from
 y[b, h, w, c] = sum_{i,j} xp[b, s*h + i, s*w + j, c] * k[i, j, 0, c].
 """
@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxkd.models import depthwise
 from jaxkd.models.depthwise import depthwise_conv2d, shift_depthwise_conv2d, xla_depthwise_conv2d
@@ -32,7 +33,8 @@ def _value_and_vjps(conv, x, k, g, strides, padding):
 
 
 def _inputs(shape, k, channels, strides, padding, dtype=jnp.float32, seed=0):
-  """x [*shape, C], kernel [*k, 1, C] and an output cotangent g, standard normal (NumPy: no compiles)."""
+  """x [*shape, C], kernel [*k, 1, C] and an output cotangent g, standard normal (NumPy: no
+  compiles)."""
   rng = np.random.default_rng(seed)
   s = (strides, strides) if isinstance(strides, int) else strides
   if isinstance(padding, int):
@@ -44,13 +46,15 @@ def _inputs(shape, k, channels, strides, padding, dtype=jnp.float32, seed=0):
 
 
 def _compare_cases(cases, convs, tol=1e-5):
-  """cases: (label, x, kernel, g, strides, padding). One jit computes every case with lax and each of `convs`."""
+  """cases: (label, x, kernel, g, strides, padding). One jit computes every case with lax and each
+  of `convs`."""
 
   @jax.jit
   def run(arrays):
     out = []
     for (_, _, _, _, s, pad), (x, k, g) in zip(cases, arrays):
-      out.append([_value_and_vjps(conv, x, k, g, s, pad) for conv in (xla_depthwise_conv2d,) + convs])
+      out.append([_value_and_vjps(conv, x, k, g, s, pad)
+                  for conv in (xla_depthwise_conv2d,) + convs])
     return out
 
   results = run([case[1:4] for case in cases])
@@ -62,7 +66,8 @@ def _compare_cases(cases, convs, tol=1e-5):
         assert err < tol, (case[0], conv.__name__, name, err)
 
 
-# MobileNet/ShuffleNet cases: k 3 and 5, stride 1 and 2, even and odd sizes, symmetric padding (k-1)//2.
+# MobileNet/ShuffleNet cases: k 3 and 5, stride 1 and 2, even and odd sizes, symmetric padding
+# (k-1)//2.
 @pytest.mark.parametrize("k", (3, 5))
 @pytest.mark.parametrize("s", (1, 2))
 def test_grid_matches_lax_value_and_gradients(k, s):
@@ -79,9 +84,10 @@ def test_edge_cases_match_lax():
   """The phase bookkeeping: 1x1 and 2x2 kernels, kernel < stride, stride 3, no / asymmetric / large
   padding, non-square kernel, different strides per axis."""
   edges = [((7, 8), (1, 1), 2, 0), ((6, 9), (2, 2), 1, 0), ((9, 9), (2, 2), 3, ((1, 0), (0, 1))),
-           ((10, 11), (3, 3), 3, 1), ((8, 8), (3, 5), (2, 1), ((1, 1), (2, 2))), ((5, 6), (3, 3), 2, 2),
-           ((7, 7), (5, 5), 2, ((2, 1), (0, 3)))]
-  cases = [(f"size {size} k {k} s {s} pad {pad}", *_inputs((2,) + size, k, 3, s, pad, seed=i), s, pad)
+           ((10, 11), (3, 3), 3, 1), ((8, 8), (3, 5), (2, 1), ((1, 1), (2, 2))),
+           ((5, 6), (3, 3), 2, 2), ((7, 7), (5, 5), 2, ((2, 1), (0, 3)))]
+  cases = [(f"size {size} k {k} s {s} pad {pad}",
+            *_inputs((2,) + size, k, 3, s, pad, seed=i), s, pad)
            for i, (size, k, s, pad) in enumerate(edges)]
   _compare_cases(cases, (shift_depthwise_conv2d,))
 
@@ -94,7 +100,8 @@ def test_forward_matches_float64_numpy_loop():
   ref = np.zeros((2, ho, wo, 4))
   for h in range(ho):
     for w in range(wo):
-      ref[:, h, w, :] = np.einsum("bijc,ijc->bc", xp[:, 2 * h:2 * h + 3, 2 * w:2 * w + 3, :], kn[:, :, 0, :])
+      window = xp[:, 2 * h:2 * h + 3, 2 * w:2 * w + 3, :]
+      ref[:, h, w, :] = np.einsum("bijc,ijc->bc", window, kn[:, :, 0, :])
   got = jax.jit(lambda a, b: depthwise_conv2d(a, b, strides=2, padding=1))(x, kernel)
   assert _max_rel_err(got, ref) < 1e-6
 
@@ -104,7 +111,10 @@ def test_forward_mode_and_second_order():
   tx, tk, _ = _inputs((2, 9, 8), (5, 5), 4, 2, 2, seed=7)
 
   def jvp(conv):
-    return jax.jit(lambda: jax.jvp(lambda a, b: conv(a, b, strides=2, padding=2), (x, kernel), (tx, tk))[1])()
+    def tangent():
+      return jax.jvp(lambda a, b: conv(a, b, strides=2, padding=2), (x, kernel), (tx, tk))[1]
+
+    return jax.jit(tangent)()
 
   assert _max_rel_err(jvp(depthwise_conv2d), jvp(xla_depthwise_conv2d)) < 1e-5
 
@@ -118,20 +128,24 @@ def test_forward_mode_and_second_order():
 @pytest.mark.parametrize("s", (1, 2))
 def test_bfloat16_within_bf16_tolerance(s):
   x, kernel, g = _inputs((2, 10, 9), (3, 3), 16, s, 1, dtype=jnp.bfloat16, seed=4)
-  up = lambda a: a.astype(jnp.float32)  # noqa: E731
+  def up(a):
+    return a.astype(jnp.float32)
 
   @jax.jit
   def run(x, kernel, g):
-    return (_value_and_vjps(xla_depthwise_conv2d, up(x), up(kernel), up(g), s, 1),  # exact f32 of the bf16 values
+    # the first is the exact float32 result of the bf16 values
+    return (_value_and_vjps(xla_depthwise_conv2d, up(x), up(kernel), up(g), s, 1),
             _value_and_vjps(depthwise_conv2d, x, kernel, g, s, 1),
             _value_and_vjps(xla_depthwise_conv2d, x, kernel, g, s, 1))
 
   ref, got, lax_bf16 = run(x, kernel, g)
   for name, a, b, c in zip(("y", "dx", "dkernel"), got, ref, lax_bf16):
     assert a.dtype == jnp.bfloat16
-    # float32 accumulation, one rounding to bf16 (8 significant bits): within 2^-8 of the largest value
+    # float32 accumulation, one rounding to bf16 (8 significant bits): within 2^-8 of the largest
+    # value
     assert _max_rel_err(a, b) < 2 ** -8, (name, _max_rel_err(a, b))
-    assert _max_rel_err(a, b) <= _max_rel_err(c, b) + 2 ** -8, name  # as close as XLA's own bf16 convolution
+    # as close as XLA's own bf16 convolution
+    assert _max_rel_err(a, b) <= _max_rel_err(c, b) + 2 ** -8, name
 
 
 def _lowered_text(fn, platform: str, *args) -> str:
@@ -147,14 +161,18 @@ def test_dispatch_cpu_has_no_grouped_convolution_and_gpu_keeps_it():
   x, kernel, g = _inputs((2, 8, 8), (3, 3), 8, 2, 1)
 
   def train_like(x, k):
-    return jax.grad(lambda a, b: jnp.sum(depthwise_conv2d(a, b, strides=2, padding=1) * g), (0, 1))(x, k)
+    def loss(a, b):
+      return jnp.sum(depthwise_conv2d(a, b, strides=2, padding=1) * g)
+
+    return jax.grad(loss, (0, 1))(x, k)
 
   for fn in (lambda x, k: depthwise_conv2d(x, k, strides=2, padding=1), train_like):
     cpu = _lowered_text(fn, "cpu", x, kernel)
     assert "stablehlo.convolution" not in cpu and _grouped_convolutions(cpu) == 0
     gpu = _lowered_text(fn, "cuda", x, kernel)  # lowering only: no GPU needed
     assert _grouped_convolutions(gpu) >= 1 and "stablehlo.reduce" not in gpu
-  # both gradients on GPU are XLA's own transposes (cuDNN): a grouped and a batch-grouped convolution
+  # both gradients on GPU are XLA's own transposes (cuDNN): a grouped and a batch-grouped
+  # convolution
   gpu = _lowered_text(train_like, "cuda", x, kernel)
   assert "feature_group_count = 8" in gpu and "batch_group_count = 8" in gpu
   # and what XLA:CPU finally compiles has no convolution and no leftover platform conditional

@@ -1,9 +1,9 @@
-"""Guards on the pinned JAX release: known CPU miscompilations of other releases must not be present.
+"""Guards on the pinned JAX release: known CPU miscompilations of other releases must be absent.
 
-jaxlib 0.10.2 on CPU returns wrong numbers, without any warning, from a jitted vmapped matrix-vector
-product followed by a reduction at some array sizes (jax-ml/jax issue 39103), and crashes in its
-fused reduction of an elementwise product of rank 7 or 8 (issue 39257). jaxkd pins 0.10.1 (pyproject.toml
-says why); these tests fail if a change of pins brings such a release back.
+jaxlib 0.10.2 on CPU returns wrong numbers, without any warning, from a jitted vmapped
+matrix-vector product followed by a reduction at some array sizes (jax-ml/jax#39103), and crashes
+in its fused reduction of an elementwise product of rank 7 or 8 (jax-ml/jax#39257). jaxkd pins
+0.10.1 (pyproject.toml says why); these tests fail if a change of pins brings such a release back.
 """
 import subprocess
 import sys
@@ -39,4 +39,5 @@ def test_high_rank_product_reduction_neither_crashes_nor_errs():
       "print('ok')\n")
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                         env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
-  assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-2000:])
+  assert proc.returncode == 0 and proc.stdout.strip() == "ok", (
+      proc.returncode, proc.stderr[-2000:])

@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from jaxkd import losses
 
@@ -35,7 +36,8 @@ def np_kl(p, q):
 
 
 def ref_kd_per_example(zs, zt, T):
-  return T**2 * np_kl(np_softmax(np.asarray(zt, np.float64) / T), np_softmax(np.asarray(zs, np.float64) / T))
+  return T**2 * np_kl(np_softmax(np.asarray(zt, np.float64) / T),
+                      np_softmax(np.asarray(zs, np.float64) / T))
 
 
 def ref_tckd_nckd(zs, zt, y, T):
@@ -122,7 +124,8 @@ def test_kd_decomposes_into_tckd_plus_weighted_nckd(seed):
   tckd, nckd = losses.tckd_nckd(zs, zt, y, temperature=T)
   pt_y = np_softmax(zt.astype(np.float64) / T)[np.arange(len(y)), y]
   kd = ref_kd_per_example(zs, zt, T)
-  assert_close(np.asarray(tckd, np.float64) + (1 - pt_y) * np.asarray(nckd, np.float64), kd, rtol=1e-5, atol=1e-6)
+  assert_close(np.asarray(tckd, np.float64) + (1 - pt_y) * np.asarray(nckd, np.float64), kd,
+               rtol=1e-5, atol=1e-6)
   # The identity is sharp: a wrong mask (another class as "target") or a dropped T^2 breaks it.
   tckd_bad, nckd_bad = losses.tckd_nckd(zs, zt, (y + 1) % 100, temperature=T)
   assert not np.allclose(np.asarray(tckd_bad) + (1 - pt_y) * np.asarray(nckd_bad), kd, rtol=1e-3)
@@ -221,16 +224,19 @@ def test_bfloat16_inputs_give_float32_finite_results():
   zs16, zt16 = jnp.asarray(zs, jnp.bfloat16), jnp.asarray(zt, jnp.bfloat16)
   for fn in (lambda s: losses.kd_loss(s, zt16, temperature=4.0),
              lambda s: losses.dkd_loss(s, zt16, y),
-             lambda s: losses.dkd_loss(losses.perception_reconstruct(s), losses.perception_reconstruct(zt16), y),
+             lambda s: losses.dkd_loss(losses.perception_reconstruct(s),
+                                       losses.perception_reconstruct(zt16), y),
              lambda s: losses.cross_entropy(s, y)):
     value, grad = jax.value_and_grad(fn)(zs16)
     assert value.dtype == jnp.float32
     assert np.isfinite(float(value))
     assert np.all(np.isfinite(np.asarray(grad, np.float32)))
-  # bf16 logits are converted to float32 before the math: same value as the f32 loss on the rounded logits.
+  # bf16 logits are converted to float32 before the math: same value as the f32 loss on the
+  # rounded logits.
   rounded = np.asarray(zs16.astype(jnp.float32))
   assert_close(losses.kd_loss(zs16, zt16, temperature=4.0),
-               ref_kd_per_example(rounded, np.asarray(zt16.astype(jnp.float32)), 4.0).mean(), rtol=1e-5)
+               ref_kd_per_example(rounded, np.asarray(zt16.astype(jnp.float32)), 4.0).mean(),
+               rtol=1e-5)
 
 
 def test_perception_constant_class_is_finite():
@@ -266,7 +272,8 @@ def test_padding_rows_do_not_change_losses():
       (losses.cross_entropy(zs, y), losses.cross_entropy(zs_p, y_p, weights=w)),
       (losses.cross_entropy(zs, y, label_smoothing=0.1),
        losses.cross_entropy(zs_p, y_p, label_smoothing=0.1, weights=w)),
-      (losses.kd_loss(zs, zt, temperature=4.0), losses.kd_loss(zs_p, zt_p, temperature=4.0, weights=w)),
+      (losses.kd_loss(zs, zt, temperature=4.0),
+       losses.kd_loss(zs_p, zt_p, temperature=4.0, weights=w)),
       (losses.dkd_loss(zs, zt, y), losses.dkd_loss(zs_p, zt_p, y_p, weights=w)),
       (losses.dkd_loss(losses.perception_reconstruct(zs), losses.perception_reconstruct(zt), y),
        losses.dkd_loss(losses.perception_reconstruct(zs_p, weights=w),
@@ -314,8 +321,11 @@ def test_perception_reconstruct_across_8_devices_equals_single_device():
   w[-5:] = 0.0  # padding on the last device is excluded globally too
 
   def sharded(axis_name):
-    fn = jax.shard_map(lambda zz, ww: losses.perception_reconstruct(zz, axis_name=axis_name, weights=ww),
-                       mesh=mesh, in_specs=(P("data"), P("data")), out_specs=P("data"))
+    def standardize(zz, ww):
+      return losses.perception_reconstruct(zz, axis_name=axis_name, weights=ww)
+
+    fn = jax.shard_map(standardize, mesh=mesh, in_specs=(P("data"), P("data")),
+                       out_specs=P("data"))
     return np.asarray(jax.jit(fn)(z, w))
 
   single = np.asarray(losses.perception_reconstruct(z, weights=w))
@@ -378,7 +388,7 @@ def ref_dkd_grads(zs, zt, y, T):
     keep = np.arange(C) != y[i]
     e_y = (~keep).astype(np.float64)
 
-    def parts(z):
+    def parts(z, keep=keep, i=i):
       a = z / T
       log_p = np_log_softmax(a)
       log_q = np.log(np.sum(np.exp(log_p[keep] - log_p[keep].max()))) + log_p[keep].max()
@@ -429,8 +439,13 @@ def grad_case(name, seed=0, batch=16, classes=CLASSES):
   """Logits of large magnitude, with per-row offsets (shared by student and teacher, or
   separate), or a student within 1e-3 of its teacher."""
   rng = np.random.default_rng(seed)
-  normal = lambda: rng.normal(size=(batch, classes))
-  offset = lambda size: rng.uniform(-1, 1, size=(batch, 1)) * size
+
+  def normal():
+    return rng.normal(size=(batch, classes))
+
+  def offset(size):
+    return rng.uniform(-1, 1, size=(batch, 1)) * size
+
   if name.startswith("scale"):
     scale = float(name.split()[1])
     zs, zt = normal() * scale, normal() * scale
@@ -464,16 +479,26 @@ def test_reference_gradients_match_finite_differences(T):
 
   w = np.array([1.0, 0.0, 2.0])
   g_s, g_t = ref_kd_grads(zs, zt, T, w)
-  kd = lambda s, t: np.sum(w * ref_kd_per_example(s, t, T)) / w.sum()
+
+  def kd(s, t):
+    return np.sum(w * ref_kd_per_example(s, t, T)) / w.sum()
+
   np.testing.assert_allclose(numeric(lambda s: kd(s, zt), zs), g_s, atol=1e-7)
   np.testing.assert_allclose(numeric(lambda t: kd(zs, t), zt), g_t, atol=1e-7)
   ref = ref_dkd_grads(zs, zt, y, T)
   for k, part in (("tckd", 0), ("nckd", 1)):
-    value = lambda s, t: np.sum(ref_tckd_nckd(s, t, y, T)[part])
-    np.testing.assert_allclose(numeric(lambda s: value(s, zt), zs), ref[k + "_s"], atol=1e-7)
-    np.testing.assert_allclose(numeric(lambda t: value(zs, t), zt), ref[k + "_t"], atol=1e-7)
+    def value(s, t, part=part):
+      return np.sum(ref_tckd_nckd(s, t, y, T)[part])
+
+    np.testing.assert_allclose(numeric(functools.partial(value, t=zt), zs), ref[k + "_s"],
+                               atol=1e-7)
+    np.testing.assert_allclose(numeric(functools.partial(value, zs), zt), ref[k + "_t"],
+                               atol=1e-7)
+
   # Logit standardisation composed with KD.
-  ls_kd = lambda s: ref_kd_per_example(ref_standardize(s)[0], ref_standardize(zt)[0], T).mean()
+  def ls_kd(s):
+    return ref_kd_per_example(ref_standardize(s)[0], ref_standardize(zt)[0], T).mean()
+
   g_std, _ = ref_kd_grads(ref_standardize(zs)[0], ref_standardize(zt)[0], T)
   np.testing.assert_allclose(numeric(ls_kd, zs), ref_standardize_vjp(zs, g_std), atol=1e-7)
 
@@ -507,8 +532,9 @@ def test_dkd_gradients_match_float64(case, T):
   batch = zs.shape[0]
   assert grad_error(g, (alpha * ref["tckd_s"] + beta * ref["nckd_s"]) / batch, "row") < GRAD_RTOL
   for k, part in (("tckd", 0), ("nckd", 1)):
-    g_s, g_t = jax.grad(lambda s, t: jnp.sum(losses.tckd_nckd(s, t, y, temperature=T)[part]),
-                        argnums=(0, 1))(zs, zt)
+    g_s, g_t = jax.grad(
+        lambda s, t, part=part: jnp.sum(losses.tckd_nckd(s, t, y, temperature=T)[part]),
+        argnums=(0, 1))(zs, zt)
     assert grad_error(g_s, ref[k + "_s"], "batch") < GRAD_RTOL, k
     assert grad_error(g_t, ref[k + "_t"], "batch") < GRAD_RTOL, k
 
@@ -522,8 +548,11 @@ def test_logit_standardized_kd_gradients_match_float64(case, T):
   relative to |z'| ~ 1, which the loss then sees against differences of 1e-3.)
   """
   zs, zt, _ = grad_case(case, seed=2)
-  fn = lambda s, t: losses.kd_loss(losses.logit_standardize(s), losses.logit_standardize(t),
-                                   temperature=T)
+
+  def fn(s, t):
+    return losses.kd_loss(losses.logit_standardize(s), losses.logit_standardize(t),
+                          temperature=T)
+
   g_s, g_t = jax.grad(fn, argnums=(0, 1))(zs, zt)
   std_s, std_t = ref_standardize(zs)[0], ref_standardize(zt)[0]
   ref_s, ref_t = ref_kd_grads(std_s, std_t, T)
@@ -612,8 +641,11 @@ def test_bfloat16_gradients_are_the_float32_gradients_rounded():
 def test_gradients_compose_with_vmap_jit_and_jvp():
   zs, zt, y = random_logits(44, batch=12, classes=6)
   zs, zt, y = zs.reshape(3, 4, 6), zt.reshape(3, 4, 6), y.reshape(3, 4)
-  fn = lambda s, t, yy, temp: (losses.dkd_loss(s, t, yy, temperature=temp)
-                               + losses.kd_loss(s, t, temperature=temp))
+
+  def fn(s, t, yy, temp):
+    return (losses.dkd_loss(s, t, yy, temperature=temp)
+            + losses.kd_loss(s, t, temperature=temp))
+
   grad = jax.grad(fn, argnums=(0, 1, 3))
   batched = jax.jit(jax.vmap(grad, in_axes=(0, 0, 0, None)))(zs, zt, y, jnp.float32(2.0))
   for i in range(3):
@@ -622,7 +654,10 @@ def test_gradients_compose_with_vmap_jit_and_jvp():
       np.testing.assert_allclose(np.asarray(b)[i], np.asarray(s), rtol=1e-5, atol=1e-8)
   # Forward mode agrees with reverse mode.
   tangent = np.random.default_rng(0).normal(size=zs[0].shape).astype(np.float32)
-  f0 = lambda s: fn(s, zt[0], y[0], 2.0)
+
+  def f0(s):
+    return fn(s, zt[0], y[0], 2.0)
+
   _, forward = jax.jvp(f0, (jnp.asarray(zs[0]),), (jnp.asarray(tangent),))
   reverse = np.sum(np.asarray(jax.grad(f0)(zs[0]), np.float64) * tangent)
   np.testing.assert_allclose(float(forward), reverse, rtol=1e-5)

@@ -1,4 +1,5 @@
-"""End-to-end: `python main.py --config=configs/food101_mini.py`, as a user runs it, in subprocesses.
+"""End-to-end: `python main.py --config=configs/food101_mini.py`, as a user runs it, in
+subprocesses.
 
 Every test runs on generated image folders (tests/imagegen.py), so a fresh clone without
 ../shared runs them all; the full pipeline also runs on the real food-101-mini photographs when
@@ -18,12 +19,21 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
+ONLY_TEACHER = ["--config.student.enabled=false"]
+# The teacher alone (2 epochs of 5 steps, a val evaluation after each), handing on the best; the
+# learning rate is multiplied by 1000 after the first epoch, so that the last step is worse.
+BEST_HANDOFF = ["--config.teacher.handoff=best", "--config.teacher.optimizer.schedule=multistep",
+                "--config.teacher.optimizer.milestone_steps=(5,)",
+                "--config.teacher.optimizer.lr_decay=1000.0"]
+
 # A tiny but complete experiment: teacher a few steps, logits, KD student, evaluate, report.
 TINY = [
     "--config.augment.image_size=32",
-    "--config.teacher.model=resnet8", "--config.student.model=resnet8", "--config.student.model_kwargs={}",
+    "--config.teacher.model=resnet8", "--config.student.model=resnet8",
+    "--config.student.model_kwargs={}",
     "--config.teacher.batch_size=64", "--config.student.batch_size=64",
-    "--config.teacher.max_steps=10", "--config.student.max_steps=6",  # teacher: long enough to interrupt
+    # The teacher: long enough to interrupt.
+    "--config.teacher.max_steps=10", "--config.student.max_steps=6",
     "--config.teacher.checkpoint_every_steps=2", "--config.student.checkpoint_every_steps=2",
     "--config.teacher.log_every_steps=2", "--config.student.log_every_steps=2",
     "--config.evaluate.splits=('val',)", "--config.evaluate.batch_size=200",
@@ -47,19 +57,21 @@ def _env():
 
 def _cmd(workdir, data, *extra):
   folder, data_dir = data
-  return [sys.executable, str(ROOT / "main.py"), "--config=configs/food101_mini.py", f"--workdir={workdir}",
+  return [sys.executable, str(ROOT / "main.py"), "--config=configs/food101_mini.py",
+          f"--workdir={workdir}",
           f"--config.data.data_dir={data_dir}", f"--config.data.manual_dir={folder}", *TINY, *extra]
 
 
 def _run(workdir, data, *extra, timeout=600):
-  return subprocess.run(_cmd(workdir, data, *extra), cwd=ROOT, env=_env(), capture_output=True, text=True,
-                        timeout=timeout)
+  return subprocess.run(_cmd(workdir, data, *extra), cwd=ROOT, env=_env(), capture_output=True,
+                        text=True, timeout=timeout)
 
 
 def _errors(proc) -> list[str]:
   """stderr lines that are jaxkd's own (TensorFlow / absl print start-up chatter there)."""
-  return [l for l in proc.stderr.splitlines() if l.startswith(("config error", "data error", "store error",
-                                                                "stopped", "interrupted", "Traceback"))]
+  return [x for x in proc.stderr.splitlines()
+          if x.startswith(("config error", "data error", "store error", "training error", "stopped",
+                           "interrupted", "Traceback"))]
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +113,7 @@ def _check_finished_run(wd, proc, num_val):
   store = pathlib.Path(json.loads((wd / "stages" / "teacher_logits.json").read_text())["store"])
   assert (store / "manifest.json").exists()
   lines = (wd / "student" / "metrics.jsonl").read_text().splitlines()
-  assert any(json.loads(l)["kind"] == "train" and "kd" in json.loads(l) for l in lines)
+  assert any(json.loads(x)["kind"] == "train" and "kd" in json.loads(x) for x in lines)
   assert list((wd / "student" / "tensorboard").glob("events.out.tfevents.*"))
   assert "6 steps (max_steps" in proc.stdout  # not "10 epochs"
   assert "[student] step 6/6" in proc.stdout  # --progress=false still reports progress
@@ -133,11 +145,14 @@ def test_rerun_accepts_harmless_changes_and_refuses_others(food_data, finished, 
   # folder by another path) are accepted.
   alias = tmp_path / "alias"
   alias.symlink_to(folder, target_is_directory=True)
-  second = _run(wd, (alias, data_dir), "--config.evaluate.batch_size=80", "--config.student.log_every_steps=3")
+  second = _run(wd, (alias, data_dir), "--config.evaluate.batch_size=80",
+                "--config.student.log_every_steps=3")
   assert second.returncode == 0, second.stderr[-3000:]
   assert "| resnet8 | student |" in second.stdout
-  assert ": training" not in second.stdout and "evaluate:" not in second.stdout  # no stage ran again
-  assert "settings that change no result:" in second.stdout and "evaluate.batch_size: 200 -> 80" in second.stdout
+  # No stage ran again.
+  assert ": training" not in second.stdout and "evaluate:" not in second.stdout
+  assert "settings that change no result:" in second.stdout
+  assert "evaluate.batch_size: 200 -> 80" in second.stdout
   # A result-changing key is refused in one line naming it, saying how to reuse the teacher.
   third = _run(wd, food_data, "--config.student.loss.temperature=2.0")
   assert third.returncode == 2
@@ -150,8 +165,8 @@ def test_reuse_a_finished_teacher_and_a_damaged_store(food_data, finished, tmp_p
   wd, store = finished
   reuse = ["--config.student.loss.temperature=2.0", f"--config.teacher.pretrained={wd}",
            "--config.teacher.epochs=0"]
-  # The finished teacher, reused in a new workdir, has the same logit store: damaged, it is refused in
-  # one line whose advice works.
+  # The finished teacher, reused in a new workdir, has the same logit store: damaged, it is refused
+  # in one line whose advice works.
   (store / "manifest.json").write_text("{not json")
   wd2 = tmp_path / "reuse"
   damaged = _run(wd2, food_data, *reuse)
@@ -167,6 +182,69 @@ def test_reuse_a_finished_teacher_and_a_damaged_store(food_data, finished, tmp_p
   _assert_same_variables(wd / "teacher" / "final_variables", wd2 / "teacher" / "final_variables")
 
 
+def test_teacher_logits_is_a_stage_and_a_rerun_reuses_its_store(food_data, finished, tmp_path):
+  first, store = finished
+  marker = json.loads((first / "stages" / "teacher_logits.json").read_text())
+  manifest = json.loads((store / "manifest.json").read_text())
+  assert marker["stage"] == "teacher_logits" and marker["teacher_id"] == manifest["teacher_id"]
+  # A copy of the finished run without the student's marker: the rerun finishes the student stage
+  # again from the stored logits, which it opens, not recomputes.
+  wd = tmp_path / "copy"
+  shutil.copytree(first, wd)
+  (wd / "stages" / "student.json").unlink()
+  written = {p.name: p.stat().st_mtime_ns for p in store.iterdir()}
+  rerun = _run(wd, food_data)
+  assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
+  assert "teacher_logits: precomputing" not in rerun.stdout
+  assert "teacher: training" not in rerun.stdout
+  assert {p.name: p.stat().st_mtime_ns for p in store.iterdir()} == written
+  assert json.loads((wd / "stages" / "teacher_logits.json").read_text()) == marker
+  assert (wd / "stages" / "student.json").exists()
+  _assert_same_variables(first / "student" / "final_variables", wd / "student" / "final_variables")
+
+
+def test_load_variables_gives_a_finished_runs_model_and_variables(finished, tmp_path):
+  import jax
+  import jax.numpy as jnp
+
+  from jaxkd.config import ConfigError
+  from jaxkd.workdir import load_variables
+  wd, _ = finished
+  model, variables, config = load_variables(wd, "student", dtype=jnp.float32)
+  assert config.student.model == "resnet8" and config.augment.image_size == 32
+  saved = _load_final(wd / "student" / "final_variables")
+  assert jax.tree.structure(variables) == jax.tree.structure(saved)
+  for x, y in zip(jax.tree.leaves(variables), jax.tree.leaves(saved)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  logits = model.apply(variables, jnp.zeros((2, 32, 32, 3)), train=False)
+  assert logits.shape == (2, 4)  # the generated data's 4 classes
+  with pytest.raises(ConfigError, match="has no finished teacher stage"):
+    load_variables(tmp_path, "teacher")
+
+
+def test_handoff_best_hands_on_the_best_checkpoint(food_data, tmp_path):
+  wd = tmp_path / "best"
+  proc = _run(wd, food_data, *ONLY_TEACHER, *BEST_HANDOFF)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  # The evaluations during training, as the loop logged them: the best is before the last.
+  evals = [json.loads(x) for x in (wd / "teacher" / "metrics.jsonl").read_text().splitlines()]
+  evals = [(r["step"], r["top1"]) for r in evals if r["kind"] == "eval_val"]
+  (best_step, best), (last_step, last) = max(evals, key=lambda e: e[1]), evals[-1]
+  assert [t for _, t in evals].count(best) == 1 and best > last, evals  # tells them apart
+  # The evaluation stage, run on the variables the teacher stage handed on, gets the best top-1.
+  assert json.loads((wd / "eval" / "teacher_val.json").read_text())["top1"] == best
+  marker = json.loads((wd / "stages" / "teacher.json").read_text())
+  assert marker["handoff"] == "best" and marker["best_step"] == best_step
+  assert marker["best_val"]["top1"] == best and marker["val"]["top1"] == last
+  (row,) = json.loads((wd / "report.json").read_text())["models"]
+  assert row["val"]["top1"] == best
+  assert row["training"] == {
+      "steps": last_step, "handoff": "best",
+      "last_val": {"step": last_step, "top1": last, "top5": marker["val"]["top5"]},
+      "best_val": {"step": best_step, "top1": best, "top5": marker["best_val"]["top5"]}}
+  assert "handed on: the best checkpoint" in (wd / "report.md").read_text()
+
+
 def test_config_errors_before_compute(food_data, tmp_path):
   bad = _run(tmp_path / "a", food_data, "--config.student.batch_size=60")
   assert bad.returncode == 2 and "config.student.batch_size=60" in bad.stderr
@@ -175,7 +253,8 @@ def test_config_errors_before_compute(food_data, tmp_path):
   assert missing.returncode == 2 and "config.data.manual_dir" in missing.stderr
   typo = _run(tmp_path / "c", food_data, "--config.student.epochz=3")
   assert typo.returncode == 2
-  assert _errors(typo) == ["config error: unknown key student.epochz (did you mean student.epochs?)"]
+  assert _errors(typo) == [
+      "config error: unknown key student.epochz (did you mean student.epochs?)"]
 
 
 def test_unwritable_store_is_refused_before_the_teacher_trains(food_data, tmp_path):
@@ -188,22 +267,25 @@ def test_unwritable_store_is_refused_before_the_teacher_trains(food_data, tmp_pa
   assert not (tmp_path / "wd" / "teacher" / "checkpoints").exists()
 
 
-ONLY_TEACHER = ["--config.student.enabled=false"]
 
 
 def _interrupt(food_data, wd, signum, after_step):
-  """Starts main.py (teacher only), sends `signum` once a checkpoint at `after_step` or later exists."""
-  proc = subprocess.Popen(_cmd(wd, food_data, *ONLY_TEACHER), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+  """Starts main.py (teacher only), sends `signum` once a checkpoint at `after_step` or later
+  exists."""
+  proc = subprocess.Popen(_cmd(wd, food_data, *ONLY_TEACHER), cwd=ROOT, env=_env(),
+                          stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   ckpt_dir = wd / "teacher" / "checkpoints"
   deadline = time.time() + 400
   try:
     while time.time() < deadline:
-      steps = [int(p.name) for p in ckpt_dir.glob("[0-9]*") if p.name.isdigit()] if ckpt_dir.exists() else []
+      steps = ([int(p.name) for p in ckpt_dir.glob("[0-9]*") if p.name.isdigit()]
+               if ckpt_dir.exists() else [])
       if steps and max(steps) >= after_step:
         break
       if proc.poll() is not None:
-        pytest.fail(f"training finished before it could be interrupted: {proc.stderr.read()[-2000:]}")
+        pytest.fail("training finished before it could be interrupted: "
+                    f"{proc.stderr.read()[-2000:]}")
       time.sleep(0.02)
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
@@ -213,14 +295,16 @@ def _interrupt(food_data, wd, signum, after_step):
   return proc.returncode, out, err
 
 
-def test_ctrl_c_then_kill_then_resume_gives_the_uninterrupted_parameters(food_data, finished, tmp_path):
+def test_ctrl_c_then_kill_then_resume_gives_the_uninterrupted_parameters(food_data, finished,
+                                                                           tmp_path):
   wd = tmp_path / "interrupted"
   # Ctrl-C mid-training: a checkpoint, one line, exit code 130.
   rc, out, err = _interrupt(food_data, wd, signal.SIGINT, after_step=2)
   assert rc == 130, err[-3000:]
   assert "Traceback" not in err
-  lines = [l for l in err.splitlines() if l.startswith("stopped")]
-  assert len(lines) == 1 and "SIGINT" in lines[0] and "during teacher training" in lines[0], err[-2000:]
+  lines = [x for x in err.splitlines() if x.startswith("stopped")]
+  assert len(lines) == 1 and "SIGINT" in lines[0], err[-2000:]
+  assert "during teacher training" in lines[0], err[-2000:]
   assert "rerun the same command" in lines[0].lower()
   assert not (wd / "stages" / "teacher.json").exists()
   # The rerun resumes; kill -9 it later, mid-epoch (an epoch of the generated folder is 5 steps).
@@ -231,10 +315,12 @@ def test_ctrl_c_then_kill_then_resume_gives_the_uninterrupted_parameters(food_da
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "[teacher] resuming from the checkpoint at step" in resumed.stdout
   # Bit for bit the teacher of the uninterrupted run (same config but the student stage).
-  _assert_same_variables(finished[0] / "teacher" / "final_variables", wd / "teacher" / "final_variables")
+  _assert_same_variables(finished[0] / "teacher" / "final_variables",
+                         wd / "teacher" / "final_variables")
 
 
-def test_image_folder_without_test_split_and_a_bad_image(generated_image_folder_flat, tfds_data_dir, tmp_path):
+def test_image_folder_without_test_split_and_a_bad_image(generated_image_folder_flat, tfds_data_dir,
+                                                         tmp_path):
   folder = tmp_path / "photos"
   shutil.copytree(generated_image_folder_flat, folder)
   first_class = sorted(p for p in folder.iterdir() if p.is_dir())[0]
@@ -249,7 +335,8 @@ def test_image_folder_without_test_split_and_a_bad_image(generated_image_folder_
   assert "Traceback" not in refused.stderr and str(bad) in refused.stderr
   assert not (tmp_path / "refused" / "teacher").exists()
 
-  ok = _run(tmp_path / "skipped", (folder, tfds_data_dir), *args, "--config.data.skip_bad_images=true")
+  ok = _run(tmp_path / "skipped", (folder, tfds_data_dir), *args,
+            "--config.data.skip_bad_images=true")
   assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-3000:]
   report = json.loads((tmp_path / "skipped" / "report.json").read_text())
   assert report["dataset"]["absent_splits"] == ["test"]

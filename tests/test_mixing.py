@@ -19,7 +19,9 @@ import tensorflow as tf
 from jaxkd import losses, models
 from jaxkd.data import pipeline
 from jaxkd.data.sources import ImageFolderSource
-from jaxkd.train import optim, state as state_lib, step as step_lib
+from jaxkd.train import optim
+from jaxkd.train import state as state_lib
+from jaxkd.train import step as step_lib
 
 NUM_CLASSES = 8
 PER_CLASS = 3

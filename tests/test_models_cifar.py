@@ -1,6 +1,6 @@
-"""CIFAR model families (jaxkd.models.cifar) against the mdistiller/CRD reference definitions.
+"""CIFAR model families (jaxkd.models.cifar) against the mdistiller/CRD definitions.
 
-Parameter counts are exact figures of the reference PyTorch models; small
+Parameter counts are exact figures of the mdistiller PyTorch models; small
 blocks are checked against float64 NumPy written from the PyTorch (NCHW)
 definitions. Whole-model forwards are compiled only for one small member per
 family (the deeper members are the same code with more blocks; their shapes
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxkd.models import cifar  # noqa: F401  (registers the models)
+from jaxkd.models import cifar, layers  # noqa: F401  (cifar registers the models)
 from jaxkd.models.cifar.shufflenetv1 import ShuffleV1Unit
 from jaxkd.models.cifar.shufflenetv2 import ShuffleV2BasicUnit
 from jaxkd.models.cifar.wrn import WideBasicBlock
@@ -29,7 +29,7 @@ from jaxkd.models.registry import create, names
 # + projection (32*64 + 128) = 205,696; fc 64*100 + 100 = 6,500; total 278,324.
 # Rounded, these are the figures papers quote (resnet56 0.86M, resnet110 1.74M,
 # resnet32x4 7.43M, wrn_40_2 2.26M, vgg13 9.46M, ShuffleV2 1.36M, ...).
-REFERENCE_PARAMS = {
+MDISTILLER_PARAMS = {
     "resnet8": 83_892,
     "resnet14": 181_108,
     "resnet20": 278_324,
@@ -49,7 +49,8 @@ REFERENCE_PARAMS = {
     "shufflenetv2": 1_355_528,
 }
 
-# Stage shapes (H, W, C) at 32x32 input: mdistiller's feats[1:] (NCHW there), then the embedding width.
+# Stage shapes (H, W, C) at 32x32 input: mdistiller's feats[1:] (NCHW there), then the embedding
+# width.
 _R16 = [(32, 32, 16), (16, 16, 32), (8, 8, 64)]
 _R64 = [(32, 32, 64), (16, 16, 128), (8, 8, 256)]
 _W2 = [(32, 32, 32), (16, 16, 64), (8, 8, 128)]
@@ -79,17 +80,18 @@ def _count(tree) -> int:
 
 
 def test_all_cifar_models_registered():
-  assert set(REFERENCE_PARAMS) <= set(names())
+  assert set(MDISTILLER_PARAMS) <= set(names())
 
 
-@pytest.mark.parametrize("name", sorted(REFERENCE_PARAMS))
+@pytest.mark.parametrize("name", sorted(MDISTILLER_PARAMS))
 def test_param_count_and_feature_shapes(name):
   model = create(name, num_classes=100)
   variables = jax.eval_shape(model.init, jax.random.key(0), _X)
-  assert _count(variables["params"]) == REFERENCE_PARAMS[name]
+  assert _count(variables["params"]) == MDISTILLER_PARAMS[name]
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables))
 
-  logits, feats = jax.eval_shape(lambda v, x: model.apply(v, x, return_features=True), variables, _X)
+  logits, feats = jax.eval_shape(lambda v, x: model.apply(v, x, return_features=True),
+                                 variables, _X)
   stages, width = EXPECTED_FEATURES[name]
   assert logits.shape == (2, 100) and logits.dtype == jnp.float32
   assert set(feats) == {f"stage{i}" for i in range(1, len(stages) + 1)} | {"embedding"}
@@ -161,36 +163,49 @@ def _np_conv(x, w_hwio, stride=1, groups=1):
     for i in range(k):
       for j in range(k):
         patch = xs[:, :, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
-        out[:, g * out_per_group:(g + 1) * out_per_group] += np.einsum("nchw,oc->nohw", patch, ws[:, :, i, j])
+        out[:, g * out_per_group:(g + 1) * out_per_group] += np.einsum(
+            "nchw,oc->nohw", patch, ws[:, :, i, j])
   return out
 
 
 def _np_bn(x, params, stats):
-  """Inference BatchNorm, eps 1e-5: (x - mean) / sqrt(var + eps) * scale + bias over channel axis 1."""
+  """Inference BatchNorm, eps 1e-5: (x - mean) / sqrt(var + eps) * scale + bias over channel
+  axis 1."""
   shape = (1, -1, 1, 1)
   mean, var = np.asarray(stats["mean"], np.float64), np.asarray(stats["var"], np.float64)
-  return ((x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + 1e-5)
-          * np.asarray(params["scale"], np.float64).reshape(shape) + np.asarray(params["bias"], np.float64).reshape(shape))
+  scale = np.asarray(params["scale"], np.float64).reshape(shape)
+  bias = np.asarray(params["bias"], np.float64).reshape(shape)
+  return (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + 1e-5) * scale + bias
 
 
 def _np_shuffle(x, groups):
-  """ShuffleNet channel shuffle as PyTorch defines it: [N,g,C/g,H,W] -> swap axes 1,2 -> [N,C,H,W]."""
+  """ShuffleNet channel shuffle as PyTorch defines it: [N,g,C/g,H,W] -> swap axes 1,2 ->
+  [N,C,H,W]."""
   n, c, h, w = x.shape
   return x.reshape(n, groups, c // groups, h, w).transpose(0, 2, 1, 3, 4).reshape(n, c, h, w)
 
 
 def _np_avg_pool_3x3_s2_p1(x):
-  """AvgPool2d(3, stride=2, padding=1) with PyTorch's default count_include_pad=True (divide by 9)."""
+  """AvgPool2d(3, stride=2, padding=1) with PyTorch's default count_include_pad=True (divide
+  by 9)."""
   xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
   ho, wo = (xp.shape[2] - 3) // 2 + 1, (xp.shape[3] - 3) // 2 + 1
-  return sum(xp[:, :, i:i + 2 * (ho - 1) + 1:2, j:j + 2 * (wo - 1) + 1:2] for i in range(3) for j in range(3)) / 9.0
+  return sum(xp[:, :, i:i + 2 * (ho - 1) + 1:2, j:j + 2 * (wo - 1) + 1:2]
+             for i in range(3) for j in range(3)) / 9.0
+
+
+# The constructors a block receives from its network (eval mode: running statistics).
+_CONV = layers.conv
+_DEPTHWISE = layers.DepthwiseConv
+_NORM = layers.batch_norm(False)
 
 
 def _run_block(block, x_nhwc):
   variables = _random_variables(jax.eval_shape(block.init, jax.random.key(0), x_nhwc), seed=3)
   y = jax.jit(block.apply)(variables, x_nhwc)
   x = np.transpose(np.asarray(x_nhwc, np.float64), (0, 3, 1, 2))
-  return variables["params"], variables["batch_stats"], x, np.transpose(np.asarray(y, np.float64), (0, 3, 1, 2))
+  y = np.transpose(np.asarray(y, np.float64), (0, 3, 1, 2))
+  return variables["params"], variables["batch_stats"], x, y
 
 
 def _relu(x):
@@ -198,20 +213,25 @@ def _relu(x):
 
 
 def test_wrn_projection_block_matches_numpy():
-  """mdistiller WRN block with in != out: a = relu(bn1(x)); y = conv1x1_s(a) + conv2(relu(bn2(conv1_s(a))))."""
+  """mdistiller WRN block with in != out: a = relu(bn1(x));
+  y = conv1x1_s(a) + conv2(relu(bn2(conv1_s(a))))."""
   x = jax.random.normal(jax.random.key(2), (2, 6, 6, 4))
-  p, s, xn, y = _run_block(WideBasicBlock(8, strides=2), x)
+  p, s, xn, y = _run_block(WideBasicBlock(8, conv=_CONV, norm=_NORM, strides=2), x)
   a = _relu(_np_bn(xn, p["bn1"], s["bn1"]))
-  out = _np_conv(_relu(_np_bn(_np_conv(a, p["conv1"]["kernel"], 2), p["bn2"], s["bn2"])), p["conv2"]["kernel"])
+  h = _relu(_np_bn(_np_conv(a, p["conv1"]["kernel"], 2), p["bn2"], s["bn2"]))
+  out = _np_conv(h, p["conv2"]["kernel"])
   expected = _np_conv(a, p["shortcut_conv"]["kernel"], 2) + out
   np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_shufflenetv1_stride2_unit_matches_numpy():
-  """ShuffleV1 stride-2 unit: grouped 1x1, shuffle, depthwise 3x3/2, grouped 1x1, concat with avg pool."""
+  """ShuffleV1 stride-2 unit: grouped 1x1, shuffle, depthwise 3x3/2, grouped 1x1, concat with
+  avg pool."""
   groups, out_planes = 3, 12
   x = jax.random.normal(jax.random.key(4), (2, 6, 6, 12))
-  p, s, xn, y = _run_block(ShuffleV1Unit(out_planes, strides=2, groups=groups), x)
+  unit = ShuffleV1Unit(out_planes, strides=2, groups=groups, conv=_CONV,
+                       depthwise_conv=_DEPTHWISE, norm=_NORM)
+  p, s, xn, y = _run_block(unit, x)
   h = _relu(_np_bn(_np_conv(xn, p["conv1"]["kernel"], groups=groups), p["bn1"], s["bn1"]))
   h = _np_shuffle(h, groups)
   h = _relu(_np_bn(_np_conv(h, p["conv2"]["kernel"], 2, groups=h.shape[1]), p["bn2"], s["bn2"]))
@@ -223,7 +243,8 @@ def test_shufflenetv1_stride2_unit_matches_numpy():
 def test_shufflenetv2_basic_unit_matches_numpy():
   """ShuffleV2 unit: x1, x2 = first/second half of channels; shuffle_2(concat[x1, branch(x2)])."""
   x = jax.random.normal(jax.random.key(5), (2, 5, 5, 8))
-  p, s, xn, y = _run_block(ShuffleV2BasicUnit(), x)
+  unit = ShuffleV2BasicUnit(conv=_CONV, depthwise_conv=_DEPTHWISE, norm=_NORM)
+  p, s, xn, y = _run_block(unit, x)
   x1, x2 = xn[:, :4], xn[:, 4:]
   b = _relu(_np_bn(_np_conv(x2, p["conv1"]["kernel"]), p["bn1"], s["bn1"]))
   b = _np_bn(_np_conv(b, p["conv2"]["kernel"], groups=4), p["bn2"], s["bn2"])

@@ -78,7 +78,8 @@ def test_one_cycle_short_runs_match_pytorch_formula(total, three_phase):
   """Smoke runs (max_steps of 1-5) with one-cycle: PyTorch's phases then start before step 0."""
   sched = optim.one_cycle(total, 0.01, three_phase=three_phase)
   got = np.array([float(sched(s)) for s in range(total)])
-  want = np.array([torch_one_cycle_lr(s, total, 0.01, three_phase=three_phase) for s in range(total)])
+  want = np.array([torch_one_cycle_lr(s, total, 0.01, three_phase=three_phase)
+                   for s in range(total)])
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-12)
   assert np.all(np.isfinite(got))
 
@@ -113,7 +114,8 @@ def test_multistep_boundaries():
   with pytest.raises(ValueError):
     optim.multistep(0.1, [20, 10])
   via_config = optim.make_schedule({"schedule": "multistep", "learning_rate": 0.05,
-                                    "milestones": [150, 180, 210]}, total_steps=2400, steps_per_epoch=spe)
+                                    "milestones": [150, 180, 210]},
+                                   total_steps=2400, steps_per_epoch=spe)
   for step, want in cases.items():
     assert float(via_config(step)) == pytest.approx(want, rel=1e-6)
 
@@ -153,7 +155,8 @@ def _numpy_adam(steps, lr, wd, decoupled, b1=0.9, b2=0.999, eps=1e-8):
 
 
 def test_adam_one_step_by_hand():
-  """Step 1 by hand: m_hat = g, v_hat = g^2, so Adam moves each coordinate by lr * g / (|g| + eps)."""
+  """Step 1 by hand: m_hat = g, v_hat = g^2, so Adam moves each coordinate by
+  lr * g / (|g| + eps)."""
   lr, wd = 0.1, 0.5
   g_l2 = A * P0 + wd * P0
   want_adam = P0 - lr * g_l2 / (np.abs(g_l2) + 1e-8)             # L2: decay folded into g
@@ -187,7 +190,7 @@ def test_sgd_momentum_l2_like_pytorch():
     g = A * p + wd * p
     buf = g if buf is None else mom * buf + g
     p = p - lr * buf
-  got = _run_optax(optim.make_optimizer({"optimizer": "sgd"}, lr), 3)  # defaults: 0.9, 5e-4
+  got = _run_optax(optim.make_optimizer({"optimizer": "sgd", "weight_decay": wd}, lr), 3)
   np.testing.assert_allclose(got, p, rtol=1e-6)
 
 
@@ -196,7 +199,8 @@ def test_grad_clipping_happens_before_decay():
   g = A * P0
   g_clipped = g * min(1.0, clip / np.linalg.norm(g))
   want = P0 - lr * (g_clipped + 5e-4 * P0)
-  got = _run_optax(optim.make_optimizer({"optimizer": "sgd", "grad_clip_norm": clip}, lr), 1)
+  got = _run_optax(optim.make_optimizer({"optimizer": "sgd", "weight_decay": 5e-4,
+                                         "grad_clip_norm": clip}, lr), 1)
   np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
@@ -208,6 +212,25 @@ def test_decay_1d_params_false_skips_vectors():
   updates, _ = tx.update(zeros, tx.init(params), params)
   np.testing.assert_allclose(np.asarray(updates["kernel"]), -0.1 * np.ones((2, 2)), rtol=1e-6)
   np.testing.assert_allclose(np.asarray(updates["bias"]), np.zeros(2))
+
+
+def test_missing_keys_take_the_schema_defaults():
+  """One table of defaults (jaxkd.config's schema): adam, weight decay 1e-4, momentum 0.9,
+  one_cycle from learning rate 1e-3."""
+  got = _run_optax(optim.make_optimizer({}, 0.05), 3)
+  np.testing.assert_allclose(got, _numpy_adam(3, 0.05, 1e-4, decoupled=False), rtol=1e-5)
+  lr, mom, wd = 0.1, 0.9, 1e-4
+  p = P0.copy()
+  buf = None
+  for _ in range(3):
+    g = A * p + wd * p
+    buf = g if buf is None else mom * buf + g
+    p = p - lr * buf
+  got = _run_optax(optim.make_optimizer({"optimizer": "sgd"}, lr), 3)
+  np.testing.assert_allclose(got, p, rtol=1e-6)
+  sched = optim.make_schedule({}, total_steps=50, steps_per_epoch=5)
+  for s in (0, 14, 30, 49):
+    assert float(sched(s)) == pytest.approx(torch_one_cycle_lr(s, 50, 1e-3), rel=1e-5)
 
 
 def test_unknown_optimizer_is_an_error():

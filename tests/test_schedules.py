@@ -1,4 +1,5 @@
-"""Distillation schedules against the rules of REFERENCE.md section 6, values worked by hand."""
+"""Distillation schedules against the rules of their sources (temperature decay, progressive
+transfer, accuracy-driven temperature, DKD's warm-up), values worked by hand."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,6 +36,17 @@ def test_dkd_warmup_matches_mdistiller_rule():
   for step in [0, 1, 55, 199, 200, 1000]:
     assert float(sched(step)) == pytest.approx(min(step / 200, 1.0), abs=1e-7)
   assert float(schedules.dkd_warmup(0)(0)) == 1.0
+
+
+def test_dkd_warmup_is_the_float32_formula_exactly():
+  """min(float32(step) / warmup, 1) in float32, bit for bit, also inside jit on an int32 step
+  (the train step's warm-up weight is this function)."""
+  sched = schedules.dkd_warmup(300)
+  jitted = jax.jit(sched)
+  for step in [0, 1, 7, 101, 299, 300, 4000]:
+    want = np.minimum(np.float32(step) / np.float32(300), np.float32(1))
+    assert np.asarray(sched(step)) == want and np.asarray(jitted(jnp.int32(step))) == want
+    assert np.asarray(jitted(jnp.int32(step))).dtype == np.float32
 
 
 @pytest.mark.parametrize("acc,expected", [(0.0, 1.0), (0.6999, 1.0), (0.70, 3.0), (0.85, 3.0),

@@ -1,4 +1,5 @@
-"""Tests for jaxkd.teacher_store: round trip, resumability, atomicity, tampering, tf.data lookup.
+"""Tests for jaxkd.teacher_store: round trip, resumability, atomicity, tampering, no TensorFlow;
+and for its tf.data join, jaxkd.data.teacher_logits.tf_lookup.
 
 References are independent of the store: the tiny teacher's logits are recomputed in NumPy float64
 from its formula, checksums with hashlib, row order from the synthetic key list.
@@ -22,7 +23,8 @@ import pytest
 from jaxkd import teacher_store as ts
 from jaxkd.teacher_store import TeacherStore, TeacherStoreError
 
-N, C, BS, HW = 37, 5, 8, 4  # 37 examples in batches of 8: 5 batches, the last one padded (3 real, 5 padding)
+# 37 examples in batches of 8: 5 batches, the last one padded (3 real, 5 padding).
+N, C, BS, HW = 37, 5, 8, 4
 PREP = {"image_size": HW, "resize": "none", "normalisation": "synthetic"}
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -67,7 +69,8 @@ class CountingTeacher:
 
 
 def _batches(images, keys, *, bs=BS, key_as_bytes=False, extra_padding_batch=True):
-  """Eval-style numpy batches: fixed size, padded with weight-0 rows; optionally one all-padding batch."""
+  """Eval-style numpy batches: fixed size, padded with weight-0 rows; optionally one all-padding
+  batch."""
   out = []
   for start in range(0, len(keys), bs):
     idx = np.arange(start, min(start + bs, len(keys)))
@@ -103,13 +106,14 @@ class Source:
 
 def _run(tmp, source, teacher, *, tid="toy-000000000000", **kw):
   args = dict(data_dir=tmp, dataset="toyset", version="1.0.0", split="train", teacher_id=tid,
-              num_examples=N, num_classes=C, preprocessing=PREP, class_names=[f"c{i}" for i in range(C)],
-              flush_every=2, progress=False)
+              num_examples=N, num_classes=C, preprocessing=PREP,
+              class_names=[f"c{i}" for i in range(C)], flush_every=2, progress=False)
   args.update(kw)
   return ts.precompute(source, teacher, **args)
 
 
-EXPECT = dict(dataset="toyset", version="1.0.0", split="train", num_classes=C, teacher_id="toy-000000000000")
+EXPECT = dict(dataset="toyset", version="1.0.0", split="train", num_classes=C,
+              teacher_id="toy-000000000000")
 
 
 @pytest.fixture(scope="module")
@@ -170,8 +174,8 @@ def test_round_trip(tmp_path, dtype):
   assert teacher.calls == 5  # the all-padding sixth batch never reaches the teacher
   assert source.starts == [0]
 
-  reopened = TeacherStore.open(expected_dir, expect={**EXPECT, "num_examples": N, "preprocessing": PREP,
-                                                     "dtype": dtype})
+  reopened = TeacherStore.open(expected_dir, expect={**EXPECT, "num_examples": N,
+                                                     "preprocessing": PREP, "dtype": dtype})
   assert reopened.keys == keys
   assert reopened.logits.shape == (N, C) and reopened.logits.dtype == np.dtype(dtype)
   ref = _reference_logits(images, variables)
@@ -193,9 +197,11 @@ def test_round_trip(tmp_path, dtype):
   assert m["class_names"] == [f"c{i}" for i in range(C)] and m["preprocessing"] == PREP
   assert m["created"].endswith("+00:00")
   for name, fname in (("logits", "logits.npy"), ("keys", "keys.txt")):
-    assert m["files"][name]["sha256"] == hashlib.sha256((expected_dir / fname).read_bytes()).hexdigest()
+    digest = hashlib.sha256((expected_dir / fname).read_bytes()).hexdigest()
+    assert m["files"][name]["sha256"] == digest
   assert (expected_dir / "keys.txt").read_text() == "".join(k + "\n" for k in keys)
-  assert sorted(p.name for p in expected_dir.iterdir()) == ["keys.txt", "logits.npy", "manifest.json"]
+  assert sorted(p.name for p in expected_dir.iterdir()) == ["keys.txt", "logits.npy",
+                                                            "manifest.json"]
 
   # A second precompute finds the complete store and does not run the teacher again.
   again = _run(tmp_path, Source(_batches(images, keys)), teacher, dtype=dtype)
@@ -206,13 +212,13 @@ def test_plain_iterable_source_and_store_dir(tmp_path):
   images, keys = _data()
   teacher = CountingTeacher(_params())
   batches = _batches(images, keys, extra_padding_batch=False)
-  store = ts.precompute(batches, teacher, store_dir=tmp_path / "custom", dataset="toyset", version="1.0.0",
-                        split="test", teacher_id="toy-1", num_examples=N, num_classes=C, preprocessing={},
-                        progress=False)
+  store = ts.precompute(batches, teacher, store_dir=tmp_path / "custom", dataset="toyset",
+                        version="1.0.0", split="test", teacher_id="toy-1", num_examples=N,
+                        num_classes=C, preprocessing={}, progress=False)
   assert store.path == tmp_path / "custom" and store.keys == keys and teacher.calls == 5
 
 
-# ----------------------------------------------------------------------------- resumability + atomicity
+# ------------------------------------------------------------------------ resumability + atomicity
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
@@ -228,7 +234,8 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
   with pytest.raises(RuntimeError, match="simulated interruption"):
     _run(tmp_path / "resumed", failing, teacher)
   assert teacher.calls == 3
-  final = tmp_path / "resumed" / "toyset" / "1.0.0" / "teacher_logits" / "toy-000000000000" / "train"
+  final = (tmp_path / "resumed" / "toyset" / "1.0.0" / "teacher_logits" / "toy-000000000000"
+           / "train")
   partial = ts.partial_path(final)
   assert partial.is_dir() and not final.exists()
   progress = json.loads((partial / "progress.json").read_text())
@@ -267,8 +274,8 @@ def test_resume_with_plain_iterable_skips_done_batches(tmp_path):
   assert teacher.calls == 2
   store = _run(tmp_path, batches, teacher)
   assert teacher.calls == 5 and store.keys == keys
-  np.testing.assert_allclose(np.asarray(store.logits, np.float64), _reference_logits(images, _params()),
-                             rtol=2e-3, atol=2e-3)
+  np.testing.assert_allclose(np.asarray(store.logits, np.float64),
+                             _reference_logits(images, _params()), rtol=2e-3, atol=2e-3)
 
 
 _KILL_SCRIPT = textwrap.dedent("""
@@ -290,9 +297,9 @@ _KILL_SCRIPT = textwrap.dedent("""
         if i == kill_at:
           os._exit(3)  # a hard kill: no exception handler, no flush
         yield {"image": images[4 * i:4 * i + 4], "key": keys[4 * i:4 * i + 4], "weight": np.ones(4)}
-    ts.precompute(source, teacher, store_dir=out, dataset="d", version="1", split="s", teacher_id="t-1",
-                  num_examples=40, num_classes=3, preprocessing={}, flush_every=2, progress=False,
-                  dtype="float32")
+    ts.precompute(source, teacher, store_dir=out, dataset="d", version="1", split="s",
+                  teacher_id="t-1", num_examples=40, num_classes=3, preprocessing={},
+                  flush_every=2, progress=False, dtype="float32")
     print(json.dumps({"calls": len(calls)}))
 """)
 
@@ -307,7 +314,8 @@ def test_hard_kill_resumes_from_last_flush(tmp_path):
                          capture_output=True, text=True, timeout=120)
   assert first.returncode == 3, first.stderr
   progress = json.loads((ts.partial_path(out) / "progress.json").read_text())
-  # Batches 0-4 ran; the teacher runs one batch ahead, so 4 were written, flushed every 2 -> 4 durable.
+  # Batches 0-4 ran; the teacher runs one batch ahead, so 4 were written, flushed every 2 -> 4
+  # durable.
   assert progress["batches_done"] == 4 and progress["rows_done"] == 16
   second = subprocess.run([sys.executable, str(script), str(ROOT), str(out), "-1"], env=env,
                           capture_output=True, text=True, timeout=120)
@@ -317,9 +325,49 @@ def test_hard_kill_resumes_from_last_flush(tmp_path):
   rng = np.random.default_rng(0)
   images = rng.normal(size=(40, 2, 2, 3)).astype(np.float32)
   w = rng.normal(size=(12, 3)).astype(np.float32)
-  np.testing.assert_allclose(np.asarray(store.logits), images.reshape(40, -1).astype(np.float64) @ w,
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(store.logits),
+                             images.reshape(40, -1).astype(np.float64) @ w, rtol=1e-5, atol=1e-5)
   assert store.keys == [f"k/{i}" for i in range(40)]
+
+
+_NO_TF_SCRIPT = textwrap.dedent("""
+    import json, sys
+    sys.modules["tensorflow"] = None  # from here on, any `import tensorflow` raises ImportError
+    import numpy as np
+    sys.path.insert(0, sys.argv[1])
+    from jaxkd import teacher_store as ts
+    store = ts.TeacherStore.open(sys.argv[2])
+    keys = store.keys[:3]
+    rows = store.rows(keys).tolist()
+    x = np.arange(24, dtype=np.float32).reshape(2, 4, 3)
+    def batches(start):
+      return [{"image": x, "key": np.array(["a/0", "a/1"]), "weight": np.ones(2)}][start:]
+    new = ts.precompute(batches, lambda images: images.sum(axis=2), store_dir=sys.argv[3],
+                        dataset="d", version="1", split="s", teacher_id="t-1", num_examples=2,
+                        num_classes=4, preprocessing={}, progress=False, dtype="float32")
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tf_keras"))
+    print(json.dumps({"keys": keys, "rows": rows, "new": np.asarray(new.logits).tolist(),
+                      "tf_modules": loaded, "data": "jaxkd.data" in sys.modules}))
+""")
+
+
+def test_store_needs_no_tensorflow(built, tmp_path):
+  """Writing, opening and reading a store work where TensorFlow cannot be imported at all."""
+  script = tmp_path / "no_tf.py"
+  script.write_text(_NO_TF_SCRIPT)
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run([sys.executable, str(script), str(ROOT), str(built["dir"]),
+                         str(tmp_path / "new")], env=env, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert out["tf_modules"] == ["tensorflow"] and not out["data"]  # only the blocked entry
+  assert out["keys"] == built["keys"][:3]
+  store = TeacherStore.open(built["dir"])
+  np.testing.assert_array_equal(np.asarray(out["rows"], np.float32), store.logits[:3])
+  x = np.arange(24, dtype=np.float64).reshape(2, 4, 3)
+  np.testing.assert_array_equal(out["new"], x.sum(axis=2))
 
 
 def test_resume_with_different_arguments_is_refused(tmp_path):
@@ -328,10 +376,11 @@ def test_resume_with_different_arguments_is_refused(tmp_path):
   with pytest.raises(RuntimeError):
     _run(tmp_path, Source(batches, fail_at=2), CountingTeacher(_params()))
   with pytest.raises(TeacherStoreError, match=r"preprocessing=.*image_size.*8"):
-    _run(tmp_path, Source(batches), CountingTeacher(_params()), preprocessing={**PREP, "image_size": 8})
+    _run(tmp_path, Source(batches), CountingTeacher(_params()),
+         preprocessing={**PREP, "image_size": 8})
   # overwrite=True starts over.
-  store = _run(tmp_path, Source(batches), CountingTeacher(_params()), preprocessing={**PREP, "image_size": 8},
-               overwrite=True)
+  store = _run(tmp_path, Source(batches), CountingTeacher(_params()),
+               preprocessing={**PREP, "image_size": 8}, overwrite=True)
   assert store.manifest["preprocessing"]["image_size"] == 8
 
 
@@ -372,7 +421,7 @@ def test_bad_sources_are_refused(tmp_path, problem):
     _run(tmp_path, batches, teacher, **kw)
 
 
-# ----------------------------------------------------------------------------- tampering and expectations
+# --------------------------------------------------------------------- tampering and expectations
 
 
 def _edit_manifest(d, **changes):
@@ -385,7 +434,8 @@ def _edit_manifest(d, **changes):
     (dict(num_classes=C + 1), r"'num_classes' is 6 but logits.npy has shape \(37, 5\)"),
     (dict(num_examples=N - 1), r"'num_examples' is 36"),
     (dict(split="test"), r"'split' is 'test' but the store's folder says 'train'"),
-    (dict(teacher_id="toy-ffffffffffff"), r"'teacher_id' is 'toy-ffffffffffff' but the store's folder"),
+    (dict(teacher_id="toy-ffffffffffff"),
+     r"'teacher_id' is 'toy-ffffffffffff' but the store's folder"),
     (dict(dtype="float32"), r"'dtype' is 'float32' but logits.npy holds float16"),
     (dict(preprocessing={**PREP, "image_size": 224}), "manifest.json was modified"),
     (dict(class_names=["x"] * C), "manifest.json was modified"),
@@ -395,7 +445,8 @@ def test_edited_manifest_is_refused(store_copy, change, match):
   _edit_manifest(store_copy, **change)
   with pytest.raises(TeacherStoreError, match=match) as e:
     TeacherStore.open(store_copy)
-  assert "re-run the teacher-logit precompute" in str(e.value) and f"delete {store_copy}" in str(e.value)
+  assert "re-run the teacher-logit precompute" in str(e.value)
+  assert f"delete {store_copy}" in str(e.value)
 
 
 def test_changed_key_is_refused(store_copy):
@@ -418,7 +469,8 @@ def test_flipped_array_bytes_are_refused(store_copy):
 
 def test_wrong_shape_and_truncated_array_are_refused(store_copy):
   np.save(store_copy / "logits.npy", np.zeros((N, C + 1), np.float16))
-  with pytest.raises(TeacherStoreError, match=r"'num_classes' is 5 but logits.npy has shape \(37, 6\)"):
+  match = r"'num_classes' is 5 but logits.npy has shape \(37, 6\)"
+  with pytest.raises(TeacherStoreError, match=match):
     TeacherStore.open(store_copy)
   blob = (store_copy / "logits.npy").read_bytes()
   (store_copy / "logits.npy").write_bytes(blob[:len(blob) // 2])
@@ -427,7 +479,8 @@ def test_wrong_shape_and_truncated_array_are_refused(store_copy):
 
 
 @pytest.mark.parametrize("field,value", [
-    ("teacher_id", "toy-123456789abc"), ("dataset", "food101"), ("split", "test"), ("num_classes", 101),
+    ("teacher_id", "toy-123456789abc"), ("dataset", "food101"), ("split", "test"),
+    ("num_classes", 101),
     ("version", "2.0.0"), ("num_examples", 75750), ("preprocessing", {**PREP, "image_size": 224}),
     ("dtype", "float32"),
 ])
@@ -455,28 +508,32 @@ def test_unknown_expect_field_is_an_error(built):
 def test_tf_lookup_in_shuffled_pipeline(built, backend):
   import tensorflow as tf
 
-  store = TeacherStore.open(built["dir"], expect=EXPECT, tf_backend=backend)
+  from jaxkd.data.teacher_logits import tf_lookup
+
+  store = TeacherStore.open(built["dir"], expect=EXPECT)
+  lookup = tf_lookup(store, backend=backend)
   keys = built["keys"]
   ref = _reference_logits(built["images"], built["variables"])
   labels = np.arange(N, dtype=np.int32)  # carries the original position through the shuffle
   ds = tf.data.Dataset.from_tensor_slices({"key": keys, "label": labels}).shuffle(N, seed=3)
   seen = []
   if backend == "memory":  # per-element lookup, then batch
-    ds = ds.map(lambda e: {**e, "teacher_logits": store.tf_lookup(e["key"])}).batch(6)
+    ds = ds.map(lambda e: {**e, "teacher_logits": lookup(e["key"])}).batch(6)
   else:  # the mmap backend is meant for batched keys
-    ds = ds.batch(6).map(lambda e: {**e, "teacher_logits": store.tf_lookup(e["key"])})
+    ds = ds.batch(6).map(lambda e: {**e, "teacher_logits": lookup(e["key"])})
   assert ds.element_spec["teacher_logits"].shape.as_list() == [None, C]
   for b in ds.as_numpy_iterator():
     assert b["teacher_logits"].dtype == np.float32
     for k, pos, row in zip(b["key"], b["label"], b["teacher_logits"]):
       assert k.decode() == keys[pos]
-      np.testing.assert_array_equal(row, np.asarray(store.logits[pos], np.float32))  # exactly the stored row
+      # exactly the stored row
+      np.testing.assert_array_equal(row, np.asarray(store.logits[pos], np.float32))
       np.testing.assert_allclose(row, ref[pos], rtol=2e-3, atol=2e-3)
       seen.append(int(pos))
   assert sorted(seen) == list(range(N)) and seen != list(range(N))
 
   # Batched lookup of a 2-D key tensor.
-  out = store.tf_lookup(tf.constant([[keys[4], keys[0]], [keys[36], keys[4]]])).numpy()
+  out = lookup(tf.constant([[keys[4], keys[0]], [keys[36], keys[4]]])).numpy()
   assert out.shape == (2, 2, C)
   np.testing.assert_array_equal(out[1, 0], np.asarray(store.logits[36], np.float32))
 
@@ -485,27 +542,16 @@ def test_tf_lookup_in_shuffled_pipeline(built, backend):
 def test_tf_lookup_unknown_key_fails_loudly(built, backend):
   import tensorflow as tf
 
-  store = TeacherStore.open(built["dir"], tf_backend=backend)
+  from jaxkd.data.teacher_logits import tf_lookup
+
+  store = TeacherStore.open(built["dir"])
   keys = built["keys"][:5] + ["class_9/unknown"]
-  ds = tf.data.Dataset.from_tensor_slices(keys).batch(3).map(store.tf_lookup)
+  ds = tf.data.Dataset.from_tensor_slices(keys).batch(3).map(tf_lookup(store, backend=backend))
   with pytest.raises(tf.errors.OpError, match="class_9/unknown"):
     list(ds.as_numpy_iterator())
 
 
-# ----------------------------------------------------------------------------- integration with jaxkd.data
-
-
-def _data_api():
-  """(sources, pipeline, augment) of jaxkd.data, or skip saying what is missing."""
-  try:
-    from jaxkd.data import augment, pipeline, sources
-  except ImportError as e:
-    pytest.skip(f"jaxkd.data is not importable yet ({e}); the teacher-store integration test needs it")
-  for mod, name in ((pipeline, "eval_batches"), (pipeline, "train_batches"), (sources, "get_source"),
-                    (augment, "eval_preprocess"), (augment, "AugmentConfig")):
-    if not hasattr(mod, name):
-      pytest.skip(f"{mod.__name__}.{name} does not exist; the integration test was written against it")
-  return sources, pipeline, augment
+# --------------------------------------------------------------------- integration with jaxkd.data
 
 
 def test_integration_food101_images(data_variant, request, tmp_path):
@@ -519,10 +565,10 @@ def test_integration_food101_images(data_variant, request, tmp_path):
   recomputed independently: the test reads that key's file itself, applies eval preprocessing
   and runs the teacher.
   """
-  sources, pipeline, augment = _data_api()
   import tensorflow as tf
 
   from jaxkd import models
+  from jaxkd.data import augment, pipeline, sources, teacher_logits
 
   if data_variant == "real":
     food = request.getfixturevalue("shared_data") / "food-101-mini" / "food-101" / "images"
@@ -561,35 +607,62 @@ def test_integration_food101_images(data_variant, request, tmp_path):
   def forward(x):
     return model.apply(variables, x, train=False)
 
-  def apply_fn(x):
+  def logits_fn(x):
     calls.append(len(x))
+    if len(calls) == fail_at_call[0]:
+      raise KeyboardInterrupt
     return forward(x)
+
+  starts = []
+
+  def batches(start_batch):
+    starts.append(start_batch)
+    return pipeline.eval_batches(source, "train", global_batch_size=8, image_size=size,
+                                 start_batch=start_batch)
 
   tid = ts.teacher_id("resnet8", variables)
   preprocessing = {"fn": "jaxkd.data.augment.eval_preprocess", "image_size": size,
-                   "eval_crop_fraction": cfg.eval_crop_fraction, "antialias": cfg.antialias, "dtype": "float32"}
-  store = ts.precompute(
-      pipeline.eval_batches(source, "train", global_batch_size=8, image_size=size),
-      apply_fn, data_dir=data_dir, dataset=source.name, version=source.version, split="train",
-      teacher_id=tid, num_examples=n_train, num_classes=source.num_classes, class_names=source.class_names,
-      preprocessing=preprocessing, progress=False)
+                   "eval_crop_fraction": cfg.eval_crop_fraction, "antialias": cfg.antialias,
+                   "dtype": "float32"}
+  args = dict(dataset=source.name, version=source.version, split="train", teacher_id=tid,
+              num_examples=n_train, num_classes=source.num_classes,
+              class_names=source.class_names, preprocessing=preprocessing, progress=False)
+  fail_at_call = [None]
+  store = ts.precompute(batches, logits_fn, data_dir=data_dir, **args)
   assert store.path == data_dir / source.name / source.version / "teacher_logits" / tid / "train"
-  assert sum(calls) == 24 and len(calls) == 3  # 24 train examples in 3 full batches of 8
+  assert calls == [8, 8, 8] and starts == [0]  # 24 train examples in 3 full batches of 8
   train_keys = sorted(k.decode() for k in source.index("train")[0])
   assert sorted(store.keys) == train_keys
 
-  store = TeacherStore.open(store.path, expect=dict(dataset=source.name, version=source.version, split="train",
-                                                    num_classes=3, teacher_id=tid, preprocessing=preprocessing))
+  # Interrupted in the teacher's third call (batches 0 and 1 done), then resumed from batch 2
+  # through eval_batches(start_batch=2): the same bytes as the uninterrupted run.
+  calls.clear()
+  starts.clear()
+  fail_at_call[0] = 3
+  resumed_dir = tmp_path / "resumed"
+  with pytest.raises(KeyboardInterrupt):
+    ts.precompute(batches, logits_fn, store_dir=resumed_dir, **args)
+  fail_at_call[0] = None
+  resumed = ts.precompute(batches, logits_fn, store_dir=resumed_dir, **args)
+  assert starts == [0, 2] and len(calls) == 4
+  for name in ("logits.npy", "keys.txt"):
+    assert (resumed.path / name).read_bytes() == (store.path / name).read_bytes(), name
+
+  store = TeacherStore.open(store.path, expect=dict(
+      dataset=source.name, version=source.version, split="train", num_classes=3, teacher_id=tid,
+      preprocessing=preprocessing))
 
   # Independent reference: read each key's own file, eval-preprocess it, run the teacher.
   images = np.stack([augment.eval_preprocess(tf.io.read_file(str(tree / (k + ".jpg"))), cfg,
                                              dtype=tf.float32).numpy() for k in train_keys])
-  ref_logits = np.concatenate([np.asarray(forward(images[i:i + 8]), np.float64) for i in range(0, 24, 8)])
+  ref_logits = np.concatenate([np.asarray(forward(images[i:i + 8]), np.float64)
+                               for i in range(0, 24, 8)])
   ref = dict(zip(train_keys, ref_logits))
   seen = []
+  lookup = teacher_logits.tf_lookup(store)
   for host in range(2):
     batches = pipeline.train_batches(source, "train", global_batch_size=8, image_size=size, seed=1,
-                                     teacher_lookup=store.tf_lookup, process_index=host, process_count=2)
+                                     teacher_lookup=lookup, process_index=host, process_count=2)
     for _ in range(6):  # 6 local batches of 4 = two epochs of this host's ~12 examples
       b = next(batches)
       assert b["teacher_logits"].shape == (4, 3) and b["teacher_logits"].dtype == np.float32

@@ -26,9 +26,9 @@ import zipfile
 
 import numpy as np
 import pytest
+import system_torch
 from safetensors.numpy import save_file
 
-import system_torch
 from jaxkd.models import convert, torch_pickle
 
 

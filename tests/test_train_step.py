@@ -3,7 +3,8 @@
 References: the single-device run of the same global batch (the data-parallel
 result must not depend on the device count), NumPy float64 formulas for the
 BatchNorm running statistics (Flax: ra <- m * ra + (1 - m) * batch_stat, biased
-variance over the global batch) and for CE / KD (Hinton 2015, REFERENCE 4).
+variance over the global batch) and for CE / KD (Hinton, Vinyals, Dean, "Distilling the
+Knowledge in a Neural Network", NIPS Deep Learning Workshop 2015).
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxkd.train import optim, state as state_lib, step as step_lib
+from jaxkd.train import optim
+from jaxkd.train import state as state_lib
+from jaxkd.train import step as step_lib
 
 NUM_CLASSES = 10
 SHAPE = (8, 8, 3)
@@ -29,11 +32,15 @@ class Tiny(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
     x = x.astype(self.dtype)
+    def bn(x):
+      return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                          dtype=self.dtype)(x)
+
     if self.use_bn:
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype)(x)
+      x = bn(x)
     x = nn.Conv(8, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype)(x)
     if self.use_bn:
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype)(x)
+      x = bn(x)
     feat = nn.relu(x)
     emb = jnp.mean(feat, axis=(1, 2))
     logits = nn.Dense(self.num_classes, dtype=self.dtype)(emb).astype(jnp.float32)
@@ -108,14 +115,17 @@ def check_global_batchnorm(state, batches):
   np.testing.assert_allclose(bn["var"], var, rtol=1e-5, atol=1e-6)
   # Per-device statistics (2 rows each) would differ clearly from the global ones.
   local = 0.1 * batches[-1]["image"][:2].astype(np.float64).mean(axis=(0, 1, 2))
-  assert np.max(np.abs(0.9 * 0.1 * batches[0]["image"].mean(axis=(0, 1, 2)) + local - bn["mean"])) > 1e-3
+  first = 0.9 * 0.1 * batches[0]["image"].mean(axis=(0, 1, 2))
+  assert np.max(np.abs(first + local - bn["mean"])) > 1e-3
 
 
 def pad(batch, extra: int, seed: int = 99):
   rng = np.random.default_rng(seed)
   n_cls = batch["teacher_logits"].shape[1]
-  return {"image": np.concatenate([batch["image"], rng.normal(size=(extra,) + SHAPE).astype(np.float32) * 50]),
-          "label": np.concatenate([batch["label"], rng.integers(0, NUM_CLASSES, extra).astype(np.int32)]),
+  noise = rng.normal(size=(extra,) + SHAPE).astype(np.float32) * 50
+  labels = rng.integers(0, NUM_CLASSES, extra).astype(np.int32)
+  return {"image": np.concatenate([batch["image"], noise]),
+          "label": np.concatenate([batch["label"], labels]),
           "weight": np.concatenate([batch["weight"], np.zeros(extra, np.float32)]),
           "teacher_logits": np.concatenate(
               [batch["teacher_logits"], rng.normal(size=(extra, n_cls)).astype(np.float32) * 50])}
@@ -141,7 +151,8 @@ def _log_softmax(z):
 
 
 def test_loss_composition_matches_formula(meshes):
-  """L = (1 - a) CE + a T^2 KL(p_t || p_s) (REFERENCE 1.4) on the step's own train-mode logits."""
+  """L = (1 - a) CE + a T^2 KL(p_t || p_s) (the Food-101 recipe's loss) on the step's own
+  train-mode logits."""
   mesh8, _ = meshes
   model = Tiny()
   batch = make_batch(5)
@@ -154,7 +165,8 @@ def test_loss_composition_matches_formula(meshes):
   ce = -np.mean(_log_softmax(zs)[np.arange(GLOBAL_BATCH), batch["label"]])
   lpt, lps = _log_softmax(zt / temp), _log_softmax(zs / temp)
   kd = temp ** 2 * np.mean(np.sum(np.exp(lpt) * (lpt - lps), -1))
-  train_step = step_lib.make_train_step(model, {"kind": "kd", "kd_alpha": a, "temperature": temp}, tx, mesh8)
+  train_step = step_lib.make_train_step(model, {"kind": "kd", "kd_alpha": a, "temperature": temp},
+                                        tx, mesh8)
   _, m = train_step(state, batch)
   np.testing.assert_allclose(float(m["ce"]), ce, rtol=1e-5)
   np.testing.assert_allclose(float(m["kd"]), kd, rtol=1e-5)
@@ -181,7 +193,8 @@ def test_schedules_and_hparams_evaluated_at_state_step(meshes):
 
 
 def test_online_teacher_and_feature_loss(meshes):
-  """An online teacher (eval mode, same batch) replaces stored logits; AT on 'stage1' adds a term."""
+  """An online teacher (eval mode, same batch) replaces stored logits; AT on 'stage1' adds a
+  term."""
   mesh8, _ = meshes
   model, teacher = Tiny(), Tiny()
   tx = optim.make_optimizer({"optimizer": "sgd"}, 0.1)
@@ -201,7 +214,8 @@ def test_online_teacher_and_feature_loss(meshes):
   kd = 4.0 * np.mean(np.sum(np.exp(lpt) * (lpt - lps), -1))
   np.testing.assert_allclose(float(m["kd"]), kd, rtol=1e-5)
   assert float(m["feat_at_stage1"]) > 0
-  np.testing.assert_allclose(float(m["loss"]), float(m["ce"]) + kd + 100.0 * float(m["feat_at_stage1"]),
+  np.testing.assert_allclose(float(m["loss"]),
+                             float(m["ce"]) + kd + 100.0 * float(m["feat_at_stage1"]),
                              rtol=1e-5)
 
 
@@ -244,3 +258,35 @@ def test_eval_step_per_example_outputs(meshes):
   np.testing.assert_array_equal(out["label"], batch["label"])
   ce = -_log_softmax(logits)[np.arange(16), batch["label"]]
   np.testing.assert_allclose(out["ce"], np.where(real, ce, 0.0), rtol=1e-5, atol=1e-5)
+
+
+def test_warmup_epochs_become_steps_only_with_steps_per_epoch(meshes):
+  cfg = {"kind": "dkd", "warmup": 3, "warmup_epochs": 2.0}
+  assert step_lib.LossConfig.from_config(cfg, steps_per_epoch=7).warmup == 14  # 2 epochs of 7
+  assert step_lib.LossConfig.from_config({"kind": "dkd", "warmup_epochs": 0.01},
+                                         steps_per_epoch=7).warmup == 1  # at least one step
+  assert step_lib.LossConfig.from_config({"kind": "dkd", "warmup": 3},
+                                         steps_per_epoch=7).warmup == 3
+  assert step_lib.LossConfig.from_config(cfg).warmup == 3  # no steps_per_epoch: unconverted
+  tx = optim.make_optimizer({"optimizer": "sgd"}, 0.1)
+  with pytest.raises(ValueError, match="warmup_epochs=2.0.*steps_per_epoch"):
+    step_lib.make_train_step(Tiny(), cfg, tx, meshes[0])
+
+
+def test_logits_fn_pads_and_matches_the_model(meshes):
+  mesh8, _ = meshes
+  model = Tiny()
+  tx = optim.make_optimizer({"optimizer": "sgd"}, 0.1)
+  state = state_lib.create_train_state(model, jax.random.PRNGKey(0), (1,) + SHAPE, tx, mesh=mesh8)
+  logits_fn = step_lib.make_logits_fn(model, mesh8)
+  batch = make_batch(11, 13)  # 13 rows on 8 devices: padded to 16, the padding dropped
+  got = np.asarray(logits_fn(state.variables(), batch["image"]))
+  assert got.shape == (13, NUM_CLASSES) and got.dtype == np.float32
+  host_variables = jax.device_get(state.variables())
+  want = np.asarray(model.apply(host_variables, batch["image"].astype(np.float64)))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # The same numbers as the eval step's logits (what the teacher-logit store held before).
+  full = make_batch(12)
+  eval_logits = step_lib.make_eval_step(model, mesh8)(state, full)["logits"]
+  np.testing.assert_array_equal(np.asarray(logits_fn(state, full["image"])),
+                                np.asarray(eval_logits))

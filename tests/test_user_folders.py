@@ -14,11 +14,11 @@ import re
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
 
 import jaxkd.data as data
 from jaxkd.data import augment, food101_local
-import tensorflow as tf
 
 H, W = 30, 40
 
@@ -285,7 +285,7 @@ def test_bad_images_refuse_the_build_in_one_error(tmp_path):
   message = str(info.value)
   assert message.startswith("4 of 12 image files") and "skip_bad_images=True" in message
   for path, reason in bad.items():
-    [line] = [l for l in message.splitlines() if l.strip().startswith(path + ":")]
+    [line] = [m for m in message.splitlines() if m.strip().startswith(path + ":")]
     assert reason in line, line
 
 
@@ -334,3 +334,9 @@ def test_food101_local_bad_image_refused_or_skipped(tmp_path):
   # Without the flag the same folder is still refused (the build left the image out).
   with pytest.raises(data.DataError, match="1 of 12"):
     data.get_source("food101_local", data_dir=tfds_dir, manual_dir=parent)
+  # Without manual_dir the one build in data_dir is used, and its recorded check decides alike.
+  with pytest.raises(data.DataError, match=re.escape(f"{broken}: truncated or corrupt JPEG")):
+    data.get_source("food101_local", data_dir=tfds_dir)
+  found = data.get_source("food101_local", data_dir=tfds_dir, skip_bad_images=True)
+  assert found.version == src.version and found.skipped_images == src.skipped_images
+  assert found.converted_images == src.converted_images

@@ -1,7 +1,7 @@
 """TFDS builder ``food101_local``: a local Food-101 copy in the original archive layout.
 
-Food-101 (Bossard et al., "Food-101 -- Mining Discriminative Components with Random
-Forests", ECCV 2014) ships as ``food-101.tar.gz``; once extracted::
+Food-101 (Bossard, Guillaumin and Van Gool, "Food-101 -- Mining Discriminative Components
+with Random Forests", ECCV 2014) ships as ``food-101.tar.gz``; once extracted::
 
     food-101/
       images/<class>/<image_id>.jpg
@@ -34,10 +34,11 @@ import dataclasses
 import json
 import os
 import pathlib
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
-from etils import epath
 import tensorflow_datasets as tfds
+from etils import epath
 
 from jaxkd.data import user_folders
 from jaxkd.data.user_folders import DataError, DataFolderNotFoundError
@@ -70,8 +71,9 @@ def resolve_food101_root(path: str | os.PathLike) -> epath.Path:
       break
   if root is None:
     raise DataFolderNotFoundError(
-        f"{os.fspath(p)!r} is not a Food-101 folder: expected 'food-101/images' and 'food-101/meta' "
-        "below it (or 'images/' and 'meta/' directly in it), as in the extracted food-101.tar.gz.")
+        f"{os.fspath(p)!r} is not a Food-101 folder: expected 'food-101/images' and "
+        "'food-101/meta' below it (or 'images/' and 'meta/' directly in it), as in the extracted "
+        "food-101.tar.gz.")
   missing = [f"meta/{name}" for name in META_FILES if not (root / "meta" / name).is_file()]
   if not (root / "images").is_dir():
     missing.append("images/")
@@ -143,8 +145,9 @@ def food101_files(root: epath.Path,
         missing.append(key)
   if missing:
     raise DataFolderNotFoundError(
-        f"{len(missing)} images listed in meta/*.json are missing under {os.fspath(root / 'images')!r}, "
-        f"e.g. {missing[:3]}; extract the whole archive or remove them from the meta files.")
+        f"{len(missing)} images listed in meta/*.json are missing under "
+        f"{os.fspath(root / 'images')!r}, e.g. {missing[:3]}; extract the whole archive or remove "
+        "them from the meta files.")
   return stats
 
 
@@ -182,7 +185,8 @@ class Food101Local(tfds.core.GeneratorBasedBuilder):
   code_path = epath.Path(__file__)
 
   VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Original JPEG bytes, 'id' = '<class>/<image_id>', labels from meta/classes.txt."}
+  RELEASE_NOTES = {"1.0.0": "Original JPEG bytes, 'id' = '<class>/<image_id>', labels from "
+                            "meta/classes.txt."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
   Download http://data.vision.ee.ethz.ch/cvl/food-101.tar.gz and extract it; pass the
   folder that contains `food-101/` (or `food-101/` itself) as manual_dir, e.g.
@@ -218,8 +222,8 @@ class Food101Local(tfds.core.GeneratorBasedBuilder):
                         "added, removed or modified); run again once it stays unchanged")
       skip, convert = set(config.skip), set(config.convert)
     self.info.features["label"].names = classes
-    return {split: self._generate_examples(root, [(k, l) for k, l in examples if k not in skip],
-                                           convert)
+    return {split: self._generate_examples(root, [(key, label) for key, label in examples
+                                                  if key not in skip], convert)
             for split, examples in splits.items()}
 
   def _generate_examples(self, root: epath.Path, examples: list[tuple[str, int]],

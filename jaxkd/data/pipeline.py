@@ -24,12 +24,14 @@ All hosts read the split's records in the same order, host ``h`` keeps elements
 ``h, h+P, ...`` (before decoding), and pads its tail with zero-weight examples
 (``'weight'`` 0, ``'key'`` b'', zero image, label 0) to ``ceil(N / B)`` local
 batches, so hosts stay in lock-step and a metric ``sum(w * m) / sum(w)`` counts each
-example once.
+example once. ``start_batch=k`` starts the pass at batch k; the records of the
+skipped batches are dropped before they are loaded or decoded.
 
 Batches are dicts of numpy arrays ``{'image', 'label', 'key', 'weight'}`` (+
 ``'teacher_logits'`` [B, C] when ``teacher_lookup`` is given, + ``'mix_label'``,
 ``'mix_lambda'``, ``'soft_label'`` with MixUp/CutMix, + ``'mix_teacher_logits'``, the
-partner's stored logits, with both). The teacher logits are joined by key before
+partner's stored logits, with both; a store's lookup is
+``jaxkd.data.teacher_logits.tf_lookup(store)``). The teacher logits are joined by key before
 mixing and stay each example's own row; ``jaxkd.train.step`` mixes the teacher's
 probabilities with ``mix_lambda``. With ``mesh=...`` the numeric
 fields are global ``jax.Array``s sharded along the mesh's 'data' axis (``to_device``);
@@ -39,7 +41,8 @@ from __future__ import annotations
 
 import collections
 import math
-from typing import Any, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -69,10 +72,12 @@ def local_batch_size(global_batch_size: int, *, num_devices: int | None = None,
   process_count = jax.process_count() if process_count is None else int(process_count)
   if global_batch_size <= 0 or global_batch_size % num_devices:
     raise ValueError(
-        f"global_batch_size={global_batch_size} is not a positive multiple of the {num_devices} devices "
-        f"of the data axis; use e.g. {max(1, round(global_batch_size / num_devices)) * num_devices}")
+        f"global_batch_size={global_batch_size} is not a positive multiple of the {num_devices} "
+        f"devices of the data axis; use e.g. "
+        f"{max(1, round(global_batch_size / num_devices)) * num_devices}")
   if global_batch_size % process_count:
-    raise ValueError(f"global_batch_size={global_batch_size} is not divisible by process_count={process_count}")
+    raise ValueError(f"global_batch_size={global_batch_size} is not divisible by "
+                     f"process_count={process_count}")
   return global_batch_size // process_count
 
 
@@ -91,7 +96,8 @@ def _mesh_devices(mesh: jax.sharding.Mesh | None, axis: str) -> int | None:
   if mesh is None:
     return None
   if axis not in mesh.shape:
-    raise ValueError(f"mesh has no {axis!r} axis (axes: {tuple(mesh.shape)}); batches are sharded along {axis!r}")
+    raise ValueError(f"mesh has no {axis!r} axis (axes: {tuple(mesh.shape)}); batches are sharded "
+                     f"along {axis!r}")
   return int(mesh.shape[axis])
 
 
@@ -131,7 +137,8 @@ def train_dataset(source: Source, split: str = "train", *, global_batch_size: in
   """
   splits_lib.check_split(split)
   if split == splits_lib.TEST:
-    raise ValueError("train_dataset reads 'train', 'trainval' or 'val'; evaluate 'test' with eval_batches")
+    raise ValueError("train_dataset reads 'train', 'trainval' or 'val'; evaluate 'test' with "
+                     "eval_batches")
   if start_step < 0:
     raise ValueError(f"start_step={start_step} must be >= 0")
   cfg = augment_lib.as_config(augment, **({"image_size": image_size} if image_size else {}))
@@ -153,17 +160,21 @@ def train_dataset(source: Source, split: str = "train", *, global_batch_size: in
     ds = records.shuffle(buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
     return ds.map(lambda r: {**r, "_epoch": e})
 
-  ds = epoch(epoch0).skip(offset).concatenate(tf.data.Dataset.range(epoch0 + 1, _NEVER).flat_map(epoch))
+  ds = epoch(epoch0).skip(offset)
+  ds = ds.concatenate(tf.data.Dataset.range(epoch0 + 1, _NEVER).flat_map(epoch))
   if source.load_fn is not None:
     load_fn = source.load_fn
-    ds = ds.map(lambda r: {**load_fn(r), "_epoch": r["_epoch"]}, num_parallel_calls=npc, deterministic=True)
+    ds = ds.map(lambda r: {**load_fn(r), "_epoch": r["_epoch"]}, num_parallel_calls=npc,
+                deterministic=True)
   image_dtype = tf.float32 if cfg.mixing else cfg.tf_dtype
 
   def preprocess(ex):
     key_hash = tf.strings.to_hash_bucket_fast(ex["key"], _NEVER)
-    example_seed = tf.random.experimental.stateless_fold_in(tf.stack([base_seed, key_hash]), ex["_epoch"])
+    example_seed = tf.random.experimental.stateless_fold_in(tf.stack([base_seed, key_hash]),
+                                                            ex["_epoch"])
     image = augment_lib.train_preprocess(ex["image"], example_seed, cfg, dtype=image_dtype)
-    return {"image": image, "label": ex["label"], "key": ex["key"], "weight": tf.constant(1.0, tf.float32)}
+    return {"image": image, "label": ex["label"], "key": ex["key"],
+            "weight": tf.constant(1.0, tf.float32)}
 
   ds = ds.map(preprocess, num_parallel_calls=npc, deterministic=True)
   ds = ds.batch(local, drop_remainder=True)
@@ -216,11 +227,16 @@ def eval_dataset(source: Source, split: str, *, global_batch_size: int,
                  image_size: int | None = None, num_parallel_calls: int | None = None,
                  prefetch: int = 2, teacher_lookup: TeacherLookup | None = None,
                  process_index: int | None = None, process_count: int | None = None,
-                 num_devices: int | None = None) -> tf.data.Dataset:
+                 num_devices: int | None = None, start_batch: int = 0) -> tf.data.Dataset:
   """One host-local pass over ``split`` with eval preprocessing and zero-weight padding.
 
   ``teacher_lookup`` (optional) also sees the padding rows, whose key is b'': it must
   return some finite row for that key (their weight is 0).
+
+  ``start_batch=k`` (0 <= k <= ``num_eval_batches``) starts the pass at batch k: the
+  batches are those of the whole pass from k on, and the records of the first k batches
+  are skipped before they are loaded or decoded (how a resumed teacher-logit precompute
+  skips its finished batches).
   """
   cfg = augment_lib.as_config(augment, **({"image_size": image_size} if image_size else {}))
   pi, pc = _process(process_index, process_count)
@@ -229,23 +245,33 @@ def eval_dataset(source: Source, split: str, *, global_batch_size: int,
   if n == 0:
     raise ValueError(f"split {split!r} of {source.name!r} is empty")
   num_batches = math.ceil(n / global_batch_size)
+  if not 0 <= start_batch <= num_batches:
+    raise ValueError(f"start_batch={start_batch} must be in [0, {num_batches}]: split {split!r} "
+                     f"of {source.name!r} has {num_batches} eval batches of {global_batch_size}")
   n_host = len(range(pi, n, pc))
+  # The host's first start_batch * local elements: real records, then padding.
+  skip_real = min(start_batch * local, n_host)
+  skip_pad = start_batch * local - skip_real
   npc = _npc(num_parallel_calls)
   ds = source.records(split)
   if pc > 1:
     ds = ds.shard(pc, pi)
   # Fails loudly at iteration time if the split does not hold exactly the indexed count.
   ds = ds.apply(tf.data.experimental.assert_cardinality(n_host))
+  if skip_real:
+    ds = ds.skip(skip_real)  # before loading and decoding: skipped images are never read
   if source.load_fn is not None:
     ds = ds.map(source.load_fn, num_parallel_calls=npc, deterministic=True)
   dtype = cfg.tf_dtype
   ds = ds.map(lambda ex: {"image": augment_lib.eval_preprocess(ex["image"], cfg, dtype=dtype),
-                          "label": ex["label"], "key": ex["key"], "weight": tf.constant(1.0, tf.float32)},
+                          "label": ex["label"], "key": ex["key"],
+                          "weight": tf.constant(1.0, tf.float32)},
               num_parallel_calls=npc, deterministic=True)
   size = cfg.image_size
   pad = {"image": tf.zeros([size, size, 3], dtype), "label": tf.constant(0, tf.int32),
          "key": tf.constant(b"", tf.string), "weight": tf.constant(0.0, tf.float32)}
-  ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat(num_batches * local - n_host))
+  num_pad = num_batches * local - n_host - skip_pad
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat(num_pad))
   ds = ds.batch(local, drop_remainder=True)
   if teacher_lookup is not None:
     num_classes = source.num_classes
@@ -253,16 +279,20 @@ def eval_dataset(source: Source, split: str, *, global_batch_size: int,
   return ds.prefetch(prefetch).with_options(_options(num_parallel_calls))
 
 
-def eval_batches(source: Source, split: str, *, global_batch_size: int, image_size: int | None = None,
-                 mesh: jax.sharding.Mesh | None = None, data_axis: str = "data",
+def eval_batches(source: Source, split: str, *, global_batch_size: int,
+                 image_size: int | None = None, mesh: jax.sharding.Mesh | None = None,
+                 data_axis: str = "data", start_batch: int = 0,
                  **kwargs) -> Iterator[dict[str, Any]]:
   """One pass of eval batches {'image','label','key','weight'} (numpy, or jax.Arrays with mesh).
 
   Every example of the split appears exactly once with weight 1 (over all hosts);
-  padding has weight 0 and key b''. Keyword arguments are those of ``eval_dataset``.
+  padding has weight 0 and key b''. ``start_batch=k`` yields the batches of the whole
+  pass from batch k on, without loading or decoding the images of batches 0..k-1.
+  Other keyword arguments are those of ``eval_dataset``.
   """
   kwargs.setdefault("num_devices", _mesh_devices(mesh, data_axis))
-  ds = eval_dataset(source, split, global_batch_size=global_batch_size, image_size=image_size, **kwargs)
+  ds = eval_dataset(source, split, global_batch_size=global_batch_size, image_size=image_size,
+                    start_batch=start_batch, **kwargs)
   it = ds.as_numpy_iterator()
   if mesh is None:
     return it
@@ -272,7 +302,8 @@ def eval_batches(source: Source, split: str, *, global_batch_size: int, image_si
 # ----------------------------------------------------------------------------- devices
 
 
-def to_device(batch: Mapping[str, Any], mesh: jax.sharding.Mesh, *, data_axis: str = "data") -> dict[str, Any]:
+def to_device(batch: Mapping[str, Any], mesh: jax.sharding.Mesh, *,
+              data_axis: str = "data") -> dict[str, Any]:
   """Host-local numpy batch -> global jax.Arrays sharded along ``data_axis`` of ``mesh``.
 
   Uses ``jax.make_array_from_process_local_data(NamedSharding(mesh, P(data_axis)), x)``
@@ -289,14 +320,14 @@ def to_device(batch: Mapping[str, Any], mesh: jax.sharding.Mesh, *, data_axis: s
       continue
     global_rows = value.shape[0] * jax.process_count()
     if global_rows % n:
-      raise ValueError(f"batch field {name!r} has {global_rows} rows in total, not divisible by the "
-                       f"{n} devices of mesh axis {data_axis!r}")
+      raise ValueError(f"batch field {name!r} has {global_rows} rows in total, not divisible by "
+                       f"the {n} devices of mesh axis {data_axis!r}")
     out[name] = jax.make_array_from_process_local_data(sharding, value)
   return out
 
 
-def prefetch_to_device(iterator: Iterator[Mapping[str, Any]], mesh: jax.sharding.Mesh, *, size: int = 2,
-                       data_axis: str = "data") -> Iterator[dict[str, Any]]:
+def prefetch_to_device(iterator: Iterator[Mapping[str, Any]], mesh: jax.sharding.Mesh, *,
+                       size: int = 2, data_axis: str = "data") -> Iterator[dict[str, Any]]:
   """Keeps ``size`` batches in flight on the devices (transfers are asynchronous)."""
   queue: collections.deque = collections.deque()
   for batch in iterator:

@@ -30,7 +30,8 @@ modification times of its images and meta files): ``source.fingerprint`` is it a
 ``<data_dir>/<name>/<version>/`` belongs to exactly that folder content. Every image
 is decoded once when the source is built (``user_folders.check_images``); undecodable
 files refuse the build with one ``DataError`` listing them, unless
-``skip_bad_images=True`` (then ``source.skipped_images`` lists them).
+``skip_bad_images=True`` (then ``source.skipped_images`` lists them): every user-folder
+source decides this with ``user_folders.usable_images``.
 
 Splits ('train', 'val', 'test', 'trainval') follow ``splits.py``: 'train'/'val'
 are carved from the official training split by key, 'test' is the official test split;
@@ -44,7 +45,7 @@ import os
 import pathlib
 import re
 import warnings
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -100,7 +101,8 @@ class Source(abc.ABC):
 
   def __init__(self, *, val_fraction: float = 0.2, split_seed: int = 0):
     if not 0.0 <= val_fraction < 1.0:
-      raise ValueError(f"val_fraction={val_fraction}: need 0 <= val_fraction < 1 (0.2 holds out 20% of each class)")
+      raise ValueError(f"val_fraction={val_fraction}: need 0 <= val_fraction < 1 (0.2 holds out "
+                       "20% of each class)")
     self.val_fraction = float(val_fraction)
     self.split_seed = int(split_seed)
     self._assignment: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
@@ -176,15 +178,17 @@ class Source(abc.ABC):
     splits_lib.check_split(split)
     if split == splits_lib.TEST:
       if self.test_split_name is None:
-        raise ValueError(f"source {self.name!r} has no official test split; use 'train'/'val'/'trainval' "
-                         "or give a folder with train/ and test/ subfolders")
+        raise ValueError(f"source {self.name!r} has no official test split; use "
+                         "'train'/'val'/'trainval' or give a folder with train/ and test/ "
+                         "subfolders")
       return self.test_split_name
     return self.train_split_name
 
   def _ensure_assignment(self) -> None:
     if self._assignment is None:
       keys, labels = self._official_index(self.train_split_name, None)
-      is_val = splits_lib.assign_val(keys, labels, val_fraction=self.val_fraction, seed=self.split_seed)
+      is_val = splits_lib.assign_val(keys, labels, val_fraction=self.val_fraction,
+                                     seed=self.split_seed)
       self._assignment = (keys, labels, is_val)
       self._val_keys = set(keys[is_val].tolist())
 
@@ -241,7 +245,8 @@ class Source(abc.ABC):
 
   def __repr__(self) -> str:
     return (f"{type(self).__name__}(name={self.name!r}, version={self.version!r}, "
-            f"num_classes={self.num_classes}, val_fraction={self.val_fraction}, split_seed={self.split_seed})")
+            f"num_classes={self.num_classes}, val_fraction={self.val_fraction}, "
+            f"split_seed={self.split_seed})")
 
 
 # ============================================================================ TFDS
@@ -270,8 +275,8 @@ class TfdsSource(Source):
     features = builder.info.features
     for feature in ("image", "label"):
       if feature not in features:
-        raise ValueError(f"TFDS data set {builder.name!r} has no {feature!r} feature; it is not an image "
-                         "classification data set jaxkd can read")
+        raise ValueError(f"TFDS data set {builder.name!r} has no {feature!r} feature; it is not an "
+                         "image classification data set jaxkd can read")
     self.key_feature = next((k for k in ("id", "file_name") if k in features), "tfds_id")
     self._index_cache: dict[tuple[str, Shard | None], tuple[np.ndarray, np.ndarray]] = {}
 
@@ -293,8 +298,9 @@ class TfdsSource(Source):
       if e.name != "importlib_resources":
         raise
       raise ModuleNotFoundError(
-          "TFDS 4.9.x needs the package 'importlib_resources' to prepare data sets but does not declare it "
-          "on Python >= 3.9 (tensorflow/datasets#11212); `pip install importlib_resources`",
+          "TFDS 4.9.x needs the package 'importlib_resources' to prepare data sets but does not "
+          "declare it on Python >= 3.9 (tensorflow/datasets#11212); `pip install "
+          "importlib_resources`",
           name=e.name) from e
 
   @property
@@ -322,15 +328,18 @@ class TfdsSource(Source):
     read_config = tfds.ReadConfig(add_tfds_id=self.key_feature == "tfds_id", try_autocache=False,
                                   skip_prefetch=True)
     ds = self.builder.as_dataset(split=self._split_arg(official, shard), shuffle_files=False,
-                                 decoders={"image": tfds.decode.SkipDecoding()}, read_config=read_config)
+                                 decoders={"image": tfds.decode.SkipDecoding()},
+                                 read_config=read_config)
     key = self.key_feature
-    return ds.map(lambda ex: {"image": ex["image"], "label": tf.cast(ex["label"], tf.int32), "key": ex[key]},
+    return ds.map(lambda ex: {"image": ex["image"], "label": tf.cast(ex["label"], tf.int32),
+                              "key": ex[key]},
                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
   def _index_path(self, official: str, shard: Shard | None) -> pathlib.Path:
     tag = official if shard is None else f"{official}-{shard[0]}of{shard[1]}"
     tag = re.sub(r"[^A-Za-z0-9_.-]", "_", tag)
-    return pathlib.Path(os.fspath(self.builder.data_dir)) / f"jaxkd-index-{tag}-{self.key_feature}.npz"
+    name = f"jaxkd-index-{tag}-{self.key_feature}.npz"
+    return pathlib.Path(os.fspath(self.builder.data_dir)) / name
 
   def _official_index(self, official: str, shard: Shard | None) -> tuple[np.ndarray, np.ndarray]:
     cache_key = (official, shard)
@@ -344,11 +353,12 @@ class TfdsSource(Source):
     else:
       keys_list, labels_list = [], []
       ds = self._records(official, shard).map(lambda ex: (ex["key"], ex["label"])).batch(8192)
-      for k, l in ds.as_numpy_iterator():
-        keys_list.extend(k.tolist())
-        labels_list.append(l)
+      for batch_keys, batch_labels in ds.as_numpy_iterator():
+        keys_list.extend(batch_keys.tolist())
+        labels_list.append(batch_labels)
       keys = np.array(keys_list, dtype=object)
-      labels = np.concatenate(labels_list).astype(np.int32) if labels_list else np.zeros([0], np.int32)
+      labels = (np.concatenate(labels_list).astype(np.int32) if labels_list
+                else np.zeros([0], np.int32))
       self._write_index(path, keys, labels)
     self._index_cache[cache_key] = (keys, labels)
     return keys, labels
@@ -360,8 +370,8 @@ class TfdsSource(Source):
         np.savez(f, keys=np.array(keys.tolist(), dtype=bytes), labels=labels)
       os.replace(tmp, path)
     except OSError as e:
-      warnings.warn(f"could not cache the key index at {os.fspath(path)!r} ({e}); it will be rebuilt "
-                    "(one pass over the records) in each new process.")
+      warnings.warn(f"could not cache the key index at {os.fspath(path)!r} ({e}); it will be "
+                    "rebuilt (one pass over the records) in each new process.", stacklevel=2)
 
   def _official_count(self, official: str) -> int:
     self.prepare()
@@ -379,17 +389,15 @@ class Food101LocalSource(TfdsSource):
   """
 
   def __init__(self, builder: tfds.core.DatasetBuilder, *, fingerprint: str, folder: str,
-               check: user_folders.ImageCheck, skip_bad_images: bool,
-               manual_dir: str | os.PathLike | None, download: bool, val_fraction: float = 0.2,
-               split_seed: int = 0):
+               images: user_folders.UsableImages, manual_dir: str | os.PathLike | None,
+               download: bool, val_fraction: float = 0.2, split_seed: int = 0):
     super().__init__("food101_local", builder, train_split="train", test_split="test",
                      manual_dir=manual_dir, download=download, val_fraction=val_fraction,
                      split_seed=split_seed)
     self._fingerprint = fingerprint
     self.folder = folder
-    root = pathlib.Path(folder)
-    self._skipped = user_folders.absolute_pairs(root, check.bad) if skip_bad_images else []
-    self._converted = user_folders.absolute_pairs(root, check.converted)
+    self._skipped = images.skipped
+    self._converted = images.converted
 
   @property
   def version(self) -> str:
@@ -435,13 +443,12 @@ def _food101_local_source(*, data_dir, manual_dir, version, download, skip_bad_i
       fp, folder = record["fingerprint"], record["folder"]
       check = user_folders.ImageCheck(fp, record["num_checked"], tuple(map(tuple, record["bad"])),
                                       tuple(map(tuple, record["converted"])))
-      if check.bad and not skip_bad_images:
-        raise user_folders.bad_images_error(pathlib.Path(folder), check)
+      images = user_folders.usable_images(pathlib.Path(folder), check,
+                                          skip_bad_images=skip_bad_images)
       builder = food101_local.Food101Local(data_dir=os.fspath(data_dir), version=tfds_version,
                                            config=food101_local.make_config(fp, folder))
-      return Food101LocalSource(builder, fingerprint=fp, folder=folder, check=check,
-                                skip_bad_images=skip_bad_images, manual_dir=None, download=False,
-                                **common)
+      return Food101LocalSource(builder, fingerprint=fp, folder=folder, images=images,
+                                manual_dir=None, download=False, **common)
   root = food101_local.resolve_food101_root(manual_dir)
   classes, splits = food101_local.read_food101_meta(root)
   stats = food101_local.food101_files(root, splits)
@@ -450,8 +457,7 @@ def _food101_local_source(*, data_dir, manual_dir, version, download, skip_bad_i
   rels = [food101_local.image_path(key) for examples in splits.values() for key, _ in examples]
   cache_dir = data_dir / "food101_local" / f"{tfds_version}-{fp[:12]}"
   check = user_folders.check_images(root, rels, fp=fp, cache_dir=cache_dir)
-  if check.bad and not skip_bad_images:
-    raise user_folders.bad_images_error(root, check)
+  images = user_folders.usable_images(root, check, skip_bad_images=skip_bad_images)
   key_of = {food101_local.image_path(key): key
             for examples in splits.values() for key, _ in examples}
   skip = {key_of[rel] for rel, _ in check.bad}
@@ -476,10 +482,10 @@ def _food101_local_source(*, data_dir, manual_dir, version, download, skip_bad_i
       warnings.warn(f"building food101_local for {os.fspath(root)!r} (fingerprint {fp[:12]}) "
                     f"beside {len(others)} earlier build(s) of other folder contents in "
                     f"{os.fspath(data_dir / 'food101_local')!r} ({', '.join(others[:5])}); delete "
-                    "those you no longer need (and their '<version>-<fingerprint>' folders)")
-  source = Food101LocalSource(builder, fingerprint=fp, folder=os.fspath(root), check=check,
-                              skip_bad_images=skip_bad_images, manual_dir=root, download=download,
-                              **common)
+                    "those you no longer need (and their '<version>-<fingerprint>' folders)",
+                    stacklevel=2)
+  source = Food101LocalSource(builder, fingerprint=fp, folder=os.fspath(root), images=images,
+                              manual_dir=root, download=download, **common)
   source.prepare()
   return source
 
@@ -557,7 +563,7 @@ def _list_class_tree(folder: pathlib.Path, extensions: Sequence[str],
     found_stats, loops = user_folders.scan_files(class_dir, prefix=f"{name}/")
     if loops:
       warnings.warn(f"{os.fspath(class_dir)!r}: symbolic links lead back to folders already read "
-                    f"({_example_names(loops)}); each folder is read once")
+                    f"({_example_names(loops)}); each folder is read once", stacklevel=2)
     images = {rel: st for rel, st in found_stats.items()
               if os.path.splitext(rel)[1].lower() in exts}
     if not images:
@@ -569,7 +575,7 @@ def _list_class_tree(folder: pathlib.Path, extensions: Sequence[str],
     if ignored:
       warnings.warn(f"{len(ignored)} files in {os.fspath(class_dir)!r} are not images by their "
                     f"extension and are ignored: {_example_names(ignored)} (images: "
-                    f"{tuple(sorted(exts))})")
+                    f"{tuple(sorted(exts))})", stacklevel=2)
     stats.update(images)
     rels = sorted(images)
     paths.extend(rels)
@@ -617,10 +623,8 @@ class ImageFolderSource(Source):
     cache_dir = self.data_dir / name / self._version
     check = user_folders.check_images(self.root, sorted(stats), fp=self._fingerprint,
                                       cache_dir=cache_dir)
-    if check.bad and not skip_bad_images:
-      raise user_folders.bad_images_error(self.root, check)
-    self._skipped = user_folders.absolute_pairs(self.root, check.bad) if skip_bad_images else []
-    self._converted = user_folders.absolute_pairs(self.root, check.converted)
+    images = user_folders.usable_images(self.root, check, skip_bad_images=skip_bad_images)
+    self._skipped, self._converted = images.skipped, images.converted
     png = user_folders.write_converted(self.root, check, cache_dir / "converted")
     bad = {rel for rel, _ in check.bad}
     self._files, self._keys = {}, {}
@@ -655,7 +659,7 @@ class ImageFolderSource(Source):
     if ignored:
       warnings.warn(f"{os.fspath(self.root)!r} has the train/ and test/ layout; its other folders "
                     f"{_example_names(ignored)} are not used ('val' is carved from train/ by "
-                    "val_fraction)")
+                    "val_fraction)", stacklevel=2)
     return folders
 
   @property
@@ -680,7 +684,8 @@ class ImageFolderSource(Source):
     return tf.data.Dataset.from_tensor_slices({
         "path": tf.constant(full, tf.string) if full else tf.zeros([0], tf.string),
         "label": tf.constant(labels[sl], tf.int32) if full else tf.zeros([0], tf.int32),
-        "key": tf.constant(self._keys[official][sl].tolist(), tf.string) if full else tf.zeros([0], tf.string),
+        "key": (tf.constant(self._keys[official][sl].tolist(), tf.string) if full
+                else tf.zeros([0], tf.string)),
     })
 
   @property
@@ -731,8 +736,8 @@ def get_source(name: str, *, data_dir: str | os.PathLike | None = None,
       ``DataFolderNotFoundError`` (also a FileNotFoundError) when it does not exist.
   """
   if name not in SOURCE_NAMES:
-    raise ValueError(f"unknown data source {name!r}; use one of {SOURCE_NAMES} (for your own images in "
-                     "class subfolders use 'image_folder' with manual_dir=<root>)")
+    raise ValueError(f"unknown data source {name!r}; use one of {SOURCE_NAMES} (for your own "
+                     "images in class subfolders use 'image_folder' with manual_dir=<root>)")
   common = dict(val_fraction=val_fraction, split_seed=split_seed)
   if name == "image_folder":
     if manual_dir is None:
@@ -746,6 +751,7 @@ def get_source(name: str, *, data_dir: str | os.PathLike | None = None,
   data_dir = os.path.expanduser(os.fspath(data_dir)) if data_dir is not None else None
   builder_name, default_version, train_split, test_split = _TFDS_SPECS[name]
   version = version or default_version
-  builder = tfds.builder(f"{builder_name}:{version}" if version else builder_name, data_dir=data_dir)
-  return TfdsSource(name, builder, train_split=train_split, test_split=test_split, manual_dir=manual_dir,
-                    download=download, **common)
+  builder = tfds.builder(f"{builder_name}:{version}" if version else builder_name,
+                         data_dir=data_dir)
+  return TfdsSource(name, builder, train_split=train_split, test_split=test_split,
+                    manual_dir=manual_dir, download=download, **common)

@@ -1,4 +1,10 @@
-"""Train / val / test splits as seed 000 defines them.
+"""Train / val / test splits as the Food-101 distillation paper defines them.
+
+The paper, "A Lightweight Food Image Classification Model Based on Knowledge Distillation and
+ECA Attention" (in Chinese; it names no authors, venue or year), holds out 20 % of each class's
+official Food-101 training images (Bossard, Guillaumin and Van Gool, "Food-101 -- Mining
+Discriminative Components with Random Forests", ECCV 2014) as validation and tests on the
+official test split:
 
 * ``'train'``: ``1 - val_fraction`` of each class's official training images;
 * ``'val'``: the other ``val_fraction`` (20 % by default), stratified per class;
@@ -16,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -28,9 +34,9 @@ _SPLIT_ID = {TRAIN: 0, VAL: 1}
 
 def check_split(split: str) -> str:
   if split not in SPLITS:
-    raise ValueError(f"unknown split {split!r}; use one of {SPLITS} ('train'/'val' are carved from the "
-                     "official training split, 'test' is the official test split, 'trainval' is the "
-                     "whole official training split)")
+    raise ValueError(f"unknown split {split!r}; use one of {SPLITS} ('train'/'val' are carved "
+                     "from the official training split, 'test' is the official test split, "
+                     "'trainval' is the whole official training split)")
   return split
 
 
@@ -40,7 +46,7 @@ def num_val(n: int, val_fraction: float) -> int:
 
 
 def _rank_key(seed: int, key: str) -> bytes:
-  return hashlib.sha256(f"{seed}:{key}".encode("utf-8")).digest()
+  return hashlib.sha256(f"{seed}:{key}".encode()).digest()
 
 
 def assign_val(keys: Sequence[str] | np.ndarray, labels: Sequence[int] | np.ndarray, *,
@@ -57,7 +63,8 @@ def assign_val(keys: Sequence[str] | np.ndarray, labels: Sequence[int] | np.ndar
   if len(keys) != len(labels):
     raise ValueError(f"{len(keys)} keys but {len(labels)} labels")
   if len(set(keys)) != len(keys):
-    raise ValueError("example keys are not unique; the train/val split needs a unique key per example")
+    raise ValueError("example keys are not unique; the train/val split needs a unique key per "
+                     "example")
   is_val = np.zeros(len(keys), dtype=bool)
   for c in np.unique(labels):
     idx = np.flatnonzero(labels == c)
@@ -66,15 +73,19 @@ def assign_val(keys: Sequence[str] | np.ndarray, labels: Sequence[int] | np.ndar
   return is_val
 
 
-def split_lookup_table(keys: Sequence[str] | np.ndarray, is_val: np.ndarray) -> tf.lookup.StaticHashTable:
+def split_lookup_table(keys: Sequence[str] | np.ndarray,
+                       is_val: np.ndarray) -> tf.lookup.StaticHashTable:
   """tf.lookup table key -> 0 (train) / 1 (val); unknown keys -> -1."""
-  keys = np.asarray([k if isinstance(k, bytes) else str(k).encode("utf-8") for k in keys], dtype=object)
+  keys = np.asarray([k if isinstance(k, bytes) else str(k).encode("utf-8") for k in keys],
+                    dtype=object)
   values = np.where(np.asarray(is_val), _SPLIT_ID[VAL], _SPLIT_ID[TRAIN]).astype(np.int64)
-  init = tf.lookup.KeyValueTensorInitializer(tf.constant(keys, tf.string), tf.constant(values, tf.int64))
+  init = tf.lookup.KeyValueTensorInitializer(tf.constant(keys, tf.string),
+                                             tf.constant(values, tf.int64))
   return tf.lookup.StaticHashTable(init, default_value=-1)
 
 
-def filter_split(ds: tf.data.Dataset, table: tf.lookup.StaticHashTable, split: str) -> tf.data.Dataset:
+def filter_split(ds: tf.data.Dataset, table: tf.lookup.StaticHashTable,
+                 split: str) -> tf.data.Dataset:
   """Keeps the elements of ``ds`` whose 'key' the table assigns to ``split`` ('train' or 'val')."""
   if split not in _SPLIT_ID:
     raise ValueError(f"filter_split only handles 'train'/'val', got {split!r}")

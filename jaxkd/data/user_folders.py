@@ -20,7 +20,8 @@
     it completely (e.g. a 1-bit BMP): it is re-encoded once, losslessly, to an RGB PNG;
   - *bad* otherwise (empty, truncated, corrupt, not an image): by default the build is
     refused with one ``DataError`` naming every bad file and why; with
-    ``skip_bad_images=True`` they are left out and listed by the source.
+    ``skip_bad_images=True`` they are left out and listed by the source
+    (``usable_images`` makes this decision for every source).
 
   The result is cached in ``<cache_dir>/jaxkd-image-check.json`` with the fingerprint
   and the TensorFlow version, so a rerun does not decode again.
@@ -37,7 +38,7 @@ import os
 import pathlib
 import re
 import warnings
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import tensorflow as tf
 
@@ -173,8 +174,8 @@ def _tf_message(error: tf.errors.OpError) -> str:
   """
   lines = [re.sub(r"\{\{[^}]*\}\}\s*|\s*\[\[.*$|\s*\[Op:[^\]]*\].*$", "", line).strip()
            for line in str(error.message).splitlines()]
-  reasons = [line for line in lines
-             if line and not line.startswith(("Graph execution error", "Detected at node", "File "))]
+  decorations = ("Graph execution error", "Detected at node", "File ")
+  reasons = [line for line in lines if line and not line.startswith(decorations)]
   return reasons[-1] if reasons else lines[0]
 
 
@@ -286,7 +287,7 @@ def _read_cache(cache_file: pathlib.Path, fp: str, n: int) -> ImageCheck | None:
     return None
   except (OSError, ValueError) as e:
     warnings.warn(f"ignoring unreadable image-check cache {os.fspath(cache_file)!r} ({e}); "
-                  "checking again")
+                  "checking again", stacklevel=2)
     return None
   if (cached.get("format") != _CHECK_FORMAT or cached.get("fingerprint") != fp
       or cached.get("tensorflow") != tf.__version__ or cached.get("num_checked") != n):
@@ -310,7 +311,7 @@ def _write_json(path: pathlib.Path, record: dict) -> None:
     os.replace(tmp, path)
   except OSError as e:
     warnings.warn(f"could not cache the image check at {os.fspath(path)!r} ({e}); the images "
-                  "will be decoded again in the next run.")
+                  "will be decoded again in the next run.", stacklevel=2)
 
 
 def check_images(root: pathlib.Path, rels: Sequence[str], *, fp: str,
@@ -366,6 +367,32 @@ def bad_images_error(root: pathlib.Path, check: ImageCheck) -> DataError:
       f"decoded by the training pipeline:\n{lines}\nReplace or delete them, or leave them out "
       "with --config.data.skip_bad_images=true (jaxkd.data.get_source(..., "
       "skip_bad_images=True)); the run's report then lists them.")
+
+
+@dataclasses.dataclass(frozen=True)
+class UsableImages:
+  """The images of a checked folder that a source leaves out or converts.
+
+  Both lists hold (absolute path, reason); ``skipped`` is empty unless the source was built
+  with ``skip_bad_images=True``.
+  """
+
+  skipped: list[tuple[str, str]]
+  converted: list[tuple[str, str]]
+
+
+def usable_images(root: pathlib.Path, check: ImageCheck, *,
+                  skip_bad_images: bool) -> UsableImages:
+  """A source's decision on a folder's image check: refuse the folder or skip its bad images.
+
+  Raises ``bad_images_error`` (one ``DataError`` naming every undecodable file) when the check
+  found any and ``skip_bad_images`` is False; otherwise returns the images left out (only with
+  ``skip_bad_images``) and those converted to PNG, as absolute paths under ``root``.
+  """
+  if check.bad and not skip_bad_images:
+    raise bad_images_error(root, check)
+  skipped = absolute_pairs(root, check.bad) if skip_bad_images else []
+  return UsableImages(skipped, absolute_pairs(root, check.converted))
 
 
 def absolute_pairs(root: pathlib.Path, pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:

@@ -7,47 +7,55 @@ float32 whatever the compute dtype of `x` is; only the final product is in
 
 Modules (cite the papers; formulas below are what the tests check):
 
-- `ECA` (Wang et al., "ECA-Net", CVPR 2020): g = sigmoid(conv1d_k(avgpool(x)))
+- `ECA` (Wang, Wu, Zhu, Li, Zuo and Hu, "ECA-Net: Efficient Channel Attention for Deep
+  Convolutional Neural Networks", CVPR 2020): g = sigmoid(conv1d_k(avgpool(x)))
   across channels, no bias, zero padding (k - 1) / 2, with the adaptive kernel
   size `eca_kernel_size(C)`. Parameter `conv/kernel` [k, 1, 1] (torch Conv1d
   weight [1, 1, k] transposed (2, 1, 0)).
-- `SE` (Hu et al., CVPR 2018, as used by MobileNetV3, Howard et al., ICCV 2019):
+- `SE` (Hu, Shen and Sun, "Squeeze-and-Excitation Networks", CVPR 2018, as used by
+  MobileNetV3, Howard et al., "Searching for MobileNetV3", ICCV 2019):
   s = avgpool(x); g = hardsigmoid(fc2(relu(fc1(s)))) with fc1, fc2 1x1 convs
   with bias, squeeze width make_divisible(C / 4, 8) (`squeeze_channels` to
   override). Parameters `fc1/{kernel,bias}`, `fc2/{kernel,bias}` are torchvision's
   `SqueezeExcitation.fc1/fc2` (kernel = torch weight transposed (2, 3, 1, 0)).
   hardsigmoid(z) = relu6(z + 3) / 6.
-- `CBAM` (Woo et al., ECCV 2018): channel gate
+- `CBAM` (Woo, Park, Lee and Kweon, "CBAM: Convolutional Block Attention Module",
+  ECCV 2018): channel gate
   g_c = sigmoid(MLP(avgpool(x)) + MLP(maxpool(x))), shared MLP
   C -> max(C // 16, 1) -> C with bias and ReLU (`mlp_fc1`, `mlp_fc2`, Dense);
   then on x' = x * g_c a spatial gate g_s = sigmoid(conv7x7([max_c(x'),
   mean_c(x')])) (channel order max, mean as the authors' code; zero padding 3;
   no bias; the authors' BatchNorm after this conv is left out so that attention
   modules hold no batch statistics). Output x' * g_s.
-- `SimAM` (Yang et al., ICML 2021): parameter-free. Per channel over the H*W
-  positions, with n = H * W, mu the spatial mean and
-  var = sum((x - mu)^2) / (n - 1) (the sample variance, as the authors'
-  reference implementation divides by `w * h - 1`),
+- `SimAM` (Yang, Zhang, Li and Xie, "SimAM: A Simple, Parameter-Free Attention Module
+  for Convolutional Neural Networks", ICML 2021): parameter-free. Per channel over
+  the H*W positions, with n = H * W, mu the spatial mean and
+  var = sum((x - mu)^2) / (n - 1) (the sample variance, as the authors' code
+  divides by `w * h - 1`),
   e = (x - mu)^2 / (4 (var + lambda)) + 0.5, lambda = 1e-4; out = x * sigmoid(e).
   For a 1x1 map (n = 1) the divisor is clamped to 1 (x - mu = 0 there, so e = 0.5)
-  instead of the reference's 0/0.
+  instead of the authors' 0/0.
 - `Identity` for kind 'none'.
 
-`make_attention(kind, ...)` builds any of them by name.
+`make_attention(kind, ...)` builds any of them by name. Parameters start at PyTorch's default
+initialisation (`layers.torch_uniform_init`) unless a module is given other initialisers.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxkd.models.layers import torch_uniform_init
+
 ATTENTION_KINDS = ("se", "eca", "cbam", "simam", "none")
 
 
-def make_divisible(value: float, divisor: int = 8, min_value: Optional[int] = None) -> int:
+def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
   """Rounds `value` to the nearest multiple of `divisor` (at least `min_value`, default `divisor`),
   never going more than 10% below `value` (MobileNet's channel rounding rule)."""
   if min_value is None:
@@ -76,16 +84,6 @@ def hard_swish(x: jax.Array) -> jax.Array:
   return x * hard_sigmoid(x)
 
 
-def _torch_default_uniform(fan_in: int):
-  """PyTorch's default Conv/Linear init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming_uniform, a=sqrt(5))."""
-  bound = 1.0 / math.sqrt(fan_in)
-
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-  return init
-
-
 class Identity(nn.Module):
   """Returns its input (attention kind 'none')."""
 
@@ -95,11 +93,11 @@ class Identity(nn.Module):
 
 
 class ECA(nn.Module):
-  """Efficient Channel Attention: x * sigmoid(conv1d_k(mean_hw(x))) (Wang et al., CVPR 2020).
+  """Efficient Channel Attention (Wang et al., CVPR 2020): x * sigmoid(conv1d_k(mean_hw(x))).
 
   `kernel_size` None -> `eca_kernel_size(C, gamma, b)`.
   """
-  kernel_size: Optional[int] = None
+  kernel_size: int | None = None
   gamma: int = 2
   b: int = 1
 
@@ -108,9 +106,10 @@ class ECA(nn.Module):
     channels = x.shape[-1]
     k = self.kernel_size or eca_kernel_size(channels, self.gamma, self.b)
     pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # [B, C]
-    y = nn.Conv(1, kernel_size=(k,), padding=[((k - 1) // 2, (k - 1) // 2)], use_bias=False,
-                kernel_init=_torch_default_uniform(k), dtype=jnp.float32, param_dtype=jnp.float32,
-                name="conv")(pooled[:, :, None])  # channels as the 1-D "length" axis
+    conv = nn.Conv(1, kernel_size=(k,), padding=[((k - 1) // 2, (k - 1) // 2)], use_bias=False,
+                   kernel_init=torch_uniform_init(k), dtype=jnp.float32, param_dtype=jnp.float32,
+                   name="conv")
+    y = conv(pooled[:, :, None])  # channels as the 1-D "length" axis
     gate = jax.nn.sigmoid(y[:, :, 0])
     return x * gate[:, None, None, :].astype(x.dtype)
 
@@ -120,20 +119,24 @@ class SE(nn.Module):
 
   fc1: 1x1 conv C -> squeeze (default make_divisible(C / 4, 8)), fc2: back to C, both with bias.
   `gate` selects the scale activation: 'hard_sigmoid' (MobileNetV3) or 'sigmoid' (original SE).
+  `kernel_init` / `bias_init` None: PyTorch's Conv2d default, U(+-1/sqrt(fan_in)).
   """
-  squeeze_channels: Optional[int] = None
+  squeeze_channels: int | None = None
   gate: str = "hard_sigmoid"
-  kernel_init: Optional[Callable] = None  # default: PyTorch's Conv2d default (uniform +-1/sqrt(fan_in))
-  bias_init: Optional[Callable] = None
+  kernel_init: Callable | None = None
+  bias_init: Callable | None = None
 
   @nn.compact
   def __call__(self, x):
     channels = x.shape[-1]
     squeeze = self.squeeze_channels or make_divisible(channels / 4, 8)
-    conv = lambda features, fan_in, name: nn.Conv(  # noqa: E731
-        features, (1, 1), use_bias=True, kernel_init=self.kernel_init or _torch_default_uniform(fan_in),
-        bias_init=self.bias_init or _torch_default_uniform(fan_in), dtype=jnp.float32, param_dtype=jnp.float32,
-        name=name)
+
+    def conv(features: int, fan_in: int, name: str) -> nn.Conv:
+      return nn.Conv(features, (1, 1), use_bias=True,
+                     kernel_init=self.kernel_init or torch_uniform_init(fan_in),
+                     bias_init=self.bias_init or torch_uniform_init(fan_in), dtype=jnp.float32,
+                     param_dtype=jnp.float32, name=name)
+
     s = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True)  # [B, 1, 1, C]
     s = nn.relu(conv(squeeze, channels, "fc1")(s))
     s = conv(channels, squeeze, "fc2")(s)
@@ -147,7 +150,7 @@ class SE(nn.Module):
 
 
 class CBAM(nn.Module):
-  """Convolutional Block Attention Module (Woo et al., ECCV 2018): channel gate then spatial gate."""
+  """Convolutional Block Attention Module (Woo et al., ECCV 2018): channel, then spatial gate."""
   reduction: int = 16
   spatial_kernel_size: int = 7
 
@@ -155,25 +158,31 @@ class CBAM(nn.Module):
   def __call__(self, x):
     channels = x.shape[-1]
     hidden = max(channels // self.reduction, 1)
-    fc1 = nn.Dense(hidden, kernel_init=_torch_default_uniform(channels),
-                   bias_init=_torch_default_uniform(channels), name="mlp_fc1")
-    fc2 = nn.Dense(channels, kernel_init=_torch_default_uniform(hidden),
-                   bias_init=_torch_default_uniform(hidden), name="mlp_fc2")
-    mlp = lambda v: fc2(nn.relu(fc1(v)))  # noqa: E731
+    fc1 = nn.Dense(hidden, kernel_init=torch_uniform_init(channels),
+                   bias_init=torch_uniform_init(channels), name="mlp_fc1")
+    fc2 = nn.Dense(channels, kernel_init=torch_uniform_init(hidden),
+                   bias_init=torch_uniform_init(hidden), name="mlp_fc2")
+
+    def mlp(v: jax.Array) -> jax.Array:
+      return fc2(nn.relu(fc1(v)))
+
     xf = x.astype(jnp.float32)
     channel_gate = jax.nn.sigmoid(mlp(jnp.mean(xf, axis=(1, 2))) + mlp(jnp.max(xf, axis=(1, 2))))
     xc = xf * channel_gate[:, None, None, :]
-    descriptor = jnp.concatenate([jnp.max(xc, axis=-1, keepdims=True), jnp.mean(xc, axis=-1, keepdims=True)],
-                                 axis=-1)  # [B, H, W, 2]
+    descriptor = jnp.concatenate([jnp.max(xc, axis=-1, keepdims=True),
+                                  jnp.mean(xc, axis=-1, keepdims=True)], axis=-1)  # [B, H, W, 2]
     k = self.spatial_kernel_size
     p = (k - 1) // 2
-    s = nn.Conv(1, (k, k), padding=((p, p), (p, p)), use_bias=False, kernel_init=_torch_default_uniform(2 * k * k),
-                dtype=jnp.float32, param_dtype=jnp.float32, name="spatial_conv")(descriptor)
+    spatial_conv = nn.Conv(1, (k, k), padding=((p, p), (p, p)), use_bias=False,
+                           kernel_init=torch_uniform_init(2 * k * k), dtype=jnp.float32,
+                           param_dtype=jnp.float32, name="spatial_conv")
+    s = spatial_conv(descriptor)
     return (xc * jax.nn.sigmoid(s)).astype(x.dtype)
 
 
 class SimAM(nn.Module):
-  """Parameter-free SimAM attention (Yang et al., ICML 2021); see the module docstring for the variance."""
+  """Parameter-free SimAM attention (Yang et al., ICML 2021); the module docstring gives the
+  variance used."""
   e_lambda: float = 1e-4
 
   @nn.compact
@@ -186,7 +195,7 @@ class SimAM(nn.Module):
     return (xf * jax.nn.sigmoid(e)).astype(x.dtype)
 
 
-def make_attention(kind: Optional[str], *, name: Optional[str] = None, **options: Any) -> nn.Module:
+def make_attention(kind: str | None, *, name: str | None = None, **options: Any) -> nn.Module:
   """Attention module by name: 'se', 'eca', 'cbam', 'simam' or 'none' (None means 'none').
 
   `options` go to the module (e.g. `squeeze_channels` for SE, `kernel_size` for ECA,

@@ -1,4 +1,5 @@
-"""Batch normalization (Ioffe & Szegedy 2015, arXiv:1502.03167) with a hand-written gradient.
+"""Batch normalization (Ioffe and Szegedy, "Batch Normalization: Accelerating Deep Network
+Training by Reducing Internal Covariate Shift", ICML 2015) with a hand-written gradient.
 
 Training mode, per channel c over the N = B*H*W (global) positions of x [..., C]:
 
@@ -27,7 +28,7 @@ Mesh the batch axis is global and XLA inserts the collectives.
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -39,12 +40,12 @@ def _axes(x: jax.Array) -> tuple[int, ...]:
   return tuple(range(x.ndim - 1))
 
 
-def _count(x: jax.Array, axis_name: Optional[str]) -> jax.Array:
+def _count(x: jax.Array, axis_name: str | None) -> jax.Array:
   n = jnp.asarray(x.size // x.shape[-1], jnp.float32)
   return n if axis_name is None else lax.psum(n, axis_name)
 
 
-def _stats(xf: jax.Array, axis_name: Optional[str]) -> tuple[jax.Array, jax.Array]:
+def _stats(xf: jax.Array, axis_name: str | None) -> tuple[jax.Array, jax.Array]:
   axes = _axes(xf)
   moments = jnp.stack([jnp.mean(xf, axes), jnp.mean(xf * xf, axes)])
   if axis_name is not None:
@@ -55,13 +56,16 @@ def _stats(xf: jax.Array, axis_name: Optional[str]) -> tuple[jax.Array, jax.Arra
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float,
-                     axis_name: Optional[str], dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Normalizes x [..., C] with its batch statistics: (y in `dtype`, batch mean, batch variance)."""
+                     axis_name: str | None,
+                     dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Normalizes x [..., C] with its batch statistics; returns (y in `dtype`, batch mean,
+  batch variance)."""
   return _forward(x, scale, bias, epsilon, axis_name, dtype)[0]
 
 
 def _normalize(x, mean, var, scale, bias, epsilon, dtype):
-  """y = (x - mean) * k + bias in float32, rounded to `dtype`; also returns rsqrt(var + eps) and k."""
+  """y = (x - mean) * k + bias in float32, rounded to `dtype`; also returns rsqrt(var + eps)
+  and k."""
   inv = lax.rsqrt(var + epsilon)
   k = scale.astype(jnp.float32) * inv
   return ((x.astype(jnp.float32) - mean) * k + bias.astype(jnp.float32)).astype(dtype), inv, k
@@ -85,8 +89,8 @@ def _bwd(epsilon, axis_name, dtype, saved, cotangents):
   centered = x.astype(jnp.float32) - mean
   axes = _axes(x)
   local = jnp.stack([jnp.sum(gf, axes), jnp.sum(gf * centered, axes)])
-  # parameter gradients are this device's (as autodiff of nn.BatchNorm gives them); x's gradient sees
-  # every device's outputs and statistics' cotangents through the shared statistics
+  # parameter gradients are this device's (as autodiff of nn.BatchNorm gives them); x's gradient
+  # sees every device's outputs and statistics' cotangents through the shared statistics
   dscale, dbias = (local[1] * inv).astype(scale.dtype), local[0].astype(bias.dtype)
   sg, sgx = local[0], local[1]
   if axis_name is not None:
@@ -110,7 +114,7 @@ class BatchNorm(nn.Module):
   use_running_average: bool = False
   momentum: float = 0.99
   epsilon: float = 1e-5
-  axis_name: Optional[str] = None
+  axis_name: str | None = None
   dtype: Any = None
   param_dtype: Any = jnp.float32
   scale_init: Any = nn.initializers.ones

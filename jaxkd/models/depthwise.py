@@ -1,8 +1,10 @@
-"""Depthwise 2-D convolution, the core of MobileNet blocks (Howard et al. 2017, arXiv:1704.04861).
+"""Depthwise 2-D convolution, the core of MobileNet blocks (Howard, Zhu, Chen, Kalenichenko,
+Wang, Weyand, Andreetto and Adam, "MobileNets: Efficient Convolutional Neural Networks for Mobile
+Vision Applications", arXiv:1704.04861, 2017).
 
 `depthwise_conv2d` is numerically `lax.conv_general_dilated` with
 `feature_group_count = channels`; the backend decides how it is computed
-(issue "Performance": XLA:CPU's grouped convolution runs below 1 GFLOP/s and its
+(measured on XLA:CPU: its grouped convolution runs below 1 GFLOP/s, and its
 gradients, which XLA also lowers to grouped convolutions, are slower still).
 
 Definition, NHWC input x [B, H, W, C], kernel w [kh, kw, 1, C], strides (sh, sw),
@@ -37,7 +39,7 @@ from __future__ import annotations
 
 import functools
 import operator
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,8 +48,8 @@ from jax.custom_derivatives import SymbolicZero, linear_call
 
 IntPair = tuple[int, int]
 PadPair = tuple[IntPair, IntPair]
-StridesArg = Union[int, Sequence[int]]
-PaddingArg = Union[int, Sequence[int], Sequence[Sequence[int]]]
+StridesArg = int | Sequence[int]
+PaddingArg = int | Sequence[int] | Sequence[Sequence[int]]
 
 # The kernel gradient reduces over the output width alone when a row holds at
 # least this many positions, else over height and width together (measured on
@@ -78,7 +80,7 @@ def depthwise_conv2d(x: jax.Array, kernel: jax.Array, *, strides: StridesArg = 1
 
 def xla_depthwise_conv2d(x: jax.Array, kernel: jax.Array, *, strides: StridesArg = 1,
                          padding: PaddingArg = 0) -> jax.Array:
-  """`lax.conv_general_dilated(feature_group_count=C)`: the reference, and the GPU/TPU path."""
+  """`lax.conv_general_dilated(feature_group_count=C)`: the ground truth, and the GPU/TPU path."""
   s, pad = _check(x, kernel, strides, padding)
   return lax.conv_general_dilated(
       x, kernel, window_strides=s, padding=pad,
@@ -139,9 +141,11 @@ def _check(x, kernel, strides, padding) -> tuple[IntPair, PadPair]:
   if x.ndim != 4:
     raise ValueError(f"x must be NHWC [B, H, W, C], got shape {x.shape}")
   if kernel.ndim != 4 or kernel.shape[2] != 1 or kernel.shape[3] != x.shape[3]:
-    raise ValueError(f"kernel must be [kh, kw, 1, C] with C = x.shape[-1] = {x.shape[-1]}, got {kernel.shape}")
+    raise ValueError(f"kernel must be [kh, kw, 1, C] with C = x.shape[-1] = {x.shape[-1]}, "
+                     f"got {kernel.shape}")
   if x.dtype != kernel.dtype:
-    raise TypeError(f"x ({x.dtype}) and kernel ({kernel.dtype}) must have the same dtype; cast one of them")
+    raise TypeError(f"x ({x.dtype}) and kernel ({kernel.dtype}) must have the same dtype; "
+                    "cast one of them")
   s = _pair(strides, "strides")
   if min(s) < 1:
     raise ValueError(f"strides must be >= 1, got {s}")
@@ -151,7 +155,8 @@ def _check(x, kernel, strides, padding) -> tuple[IntPair, PadPair]:
   for n, k, (lo, hi), name in ((x.shape[1], kernel.shape[0], pad[0], "height"),
                                (x.shape[2], kernel.shape[1], pad[1], "width")):
     if n + lo + hi < k:
-      raise ValueError(f"padded {name} {n} + {lo} + {hi} is smaller than the kernel ({k}); pad more")
+      raise ValueError(f"padded {name} {n} + {lo} + {hi} is smaller than the kernel ({k}); "
+                       "pad more")
   return s, pad
 
 
@@ -160,7 +165,8 @@ def _out_size(n: int, k: int, s: int, pad: IntPair) -> int:
 
 
 def _pad_hw(a: jax.Array, ph: tuple[int, int, int], pw: tuple[int, int, int]) -> jax.Array:
-  """Zero padding of the two spatial axes; each config is (low, high, interior), low/high may be negative."""
+  """Zero padding of the two spatial axes; each config is (low, high, interior), low/high may be
+  negative."""
   return lax.pad(a, jnp.zeros((), a.dtype), ((0, 0, 0), ph, pw, (0, 0, 0)))
 
 
@@ -176,7 +182,8 @@ def _correlate(xp: jax.Array, w: jax.Array, strides: IntPair, out_hw: IntPair) -
   total = None
   for i in range(w.shape[0]):
     for j in range(w.shape[1]):
-      tap = lax.slice(xp, (0, i, j, 0), (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c), (1, sh, sw, 1))
+      tap = lax.slice(xp, (0, i, j, 0), (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
+                      (1, sh, sw, 1))
       term = tap.astype(jnp.float32) * wf[i, j]
       total = term if total is None else total + term
   return total
@@ -185,7 +192,8 @@ def _correlate(xp: jax.Array, w: jax.Array, strides: IntPair, out_hw: IntPair) -
 def _forward(x: jax.Array, kernel: jax.Array, strides: IntPair, pad: PadPair) -> jax.Array:
   """y = sum_{i,j} xp[:, sh*h+i, sw*w+j] * kernel[i, j, 0]."""
   kh, kw = kernel.shape[:2]
-  out_hw = (_out_size(x.shape[1], kh, strides[0], pad[0]), _out_size(x.shape[2], kw, strides[1], pad[1]))
+  out_hw = (_out_size(x.shape[1], kh, strides[0], pad[0]),
+            _out_size(x.shape[2], kw, strides[1], pad[1]))
   xp = _pad_hw(x, (*pad[0], 0), (*pad[1], 0))
   return _correlate(xp, kernel[:, :, 0, :], strides, out_hw).astype(x.dtype)
 
@@ -210,7 +218,8 @@ def _phase_plan(n: int, k: int, s: int, lo: int, n_out: int):
 
 def _input_grad(dy: jax.Array, kernel: jax.Array, strides: IntPair, pad: PadPair,
                 in_hw: IntPair) -> jax.Array:
-  """Cotangent of x: per stride phase, a stride-1 correlation of the padded dy with the flipped phase taps."""
+  """Cotangent of x: per stride phase, a stride-1 correlation of the padded dy with the flipped
+  phase taps."""
   b, _, _, c = dy.shape
   (sh, sw), (h, w) = strides, in_hw
   kh, kw = kernel.shape[:2]
@@ -233,7 +242,8 @@ def _input_grad(dy: jax.Array, kernel: jax.Array, strides: IntPair, pad: PadPair
   if (sh, sw) == (1, 1):
     full = rows[0][0]
   else:  # interleave the phases: [B, nh, sh, nw, sw, C] -> [B, nh*sh, nw*sw, C]
-    full = jnp.stack([jnp.stack(cols, axis=3) for cols in rows], axis=2).reshape(b, nh * sh, nw * sw, c)
+    full = jnp.stack([jnp.stack(cols, axis=3) for cols in rows], axis=2)
+    full = full.reshape(b, nh * sh, nw * sw, c)
   oh, ow = pad[0][0] - sh * mh, pad[1][0] - sw * mw
   return full[:, oh:oh + h, ow:ow + w].astype(dy.dtype)
 
@@ -257,7 +267,8 @@ def _kernel_grad_plan(n: int, k: int, s: int, lo: int, n_out: int):
 
 def _kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int], strides: IntPair,
                  pad: PadPair) -> jax.Array:
-  """Cotangent of the kernel: dw[i, j, 0, c] = sum_{b,h,w} xp[b, sh*h+i, sw*w+j, c] * dy[b, h, w, c].
+  """Cotangent of the kernel:
+  dw[i, j, 0, c] = sum_{b,h,w} xp[b, sh*h+i, sw*w+j, c] * dy[b, h, w, c].
 
   One variadic reduction per group of taps with equal phase shapes (one group
   unless a strided axis has odd length), so x and dy are read once.
@@ -276,7 +287,8 @@ def _kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int], strid
   for (nu, nv), taps in groups.items():
     products = []
     for (_, _, rh, dh, rw, dw) in taps:
-      xr = lax.slice(x, (0, rh, rw, 0), (b, rh + sh * (nu - 1) + 1, rw + sw * (nv - 1) + 1, c), (1, sh, sw, 1))
+      xr = lax.slice(x, (0, rh, rw, 0), (b, rh + sh * (nu - 1) + 1, rw + sw * (nv - 1) + 1, c),
+                     (1, sh, sw, 1))
       oh, ow = plh - dh, plw - dw
       dr = lax.slice(dyp, (0, oh, ow, 0), (b, oh + nu, ow + nv, c))
       products.append(xr.astype(jnp.float32) * dr.astype(jnp.float32))

@@ -6,7 +6,7 @@ returns an unbound Flax linen module.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax.numpy as jnp

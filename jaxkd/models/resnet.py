@@ -1,4 +1,5 @@
-"""ResNet-18/34/50/101 (He et al., CVPR 2016) exactly as torchvision's ResNet v1.5.
+"""ResNet-18/34/50/101 (He, Zhang, Ren and Sun, "Deep Residual Learning for Image Recognition",
+CVPR 2016) exactly as torchvision's ResNet v1.5.
 
 v1.5: in a Bottleneck the stride sits on the 3x3 conv (conv2), not on the first
 1x1. Stem: 7x7/2 conv (pad 3), BN, ReLU, 3x3/2 max pool (pad 1 with -inf, as
@@ -20,19 +21,24 @@ Parameter naming (one-to-one with torchvision's state dict; the converter follow
 
 Features (`return_features=True`): stage1..stage4 = outputs of layer1..layer4
 (strides 4, 8, 16, 32), embedding = global-average-pooled layer4 output
-(2048-d for ResNet-50/101, 512-d for 18/34), the input of `fc`. Stage maps are in the compute dtype, the
-embedding and the logits in float32.
+(2048-d for ResNet-50/101, 512-d for 18/34), the input of `fc`. Stage maps are in the compute
+dtype, the embedding and the logits in float32.
+
+The blocks receive the network's convolution and BatchNorm constructors as fields (`conv`, `norm`),
+built once per call in `ResNet.__call__` (the pattern of Flax's ImageNet example).
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Optional, Sequence
+import functools
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxkd.models.layers import batch_norm, conv
+from jaxkd.models import layers
+from jaxkd.models.layers import ModuleDef
 from jaxkd.models.registry import register
 
 _BN_MOMENTUM = 0.9  # PyTorch momentum 0.1
@@ -41,51 +47,54 @@ _BN_EPS = 1e-5
 
 def max_pool_torch(x: jax.Array, window: int = 3, stride: int = 2, padding: int = 1) -> jax.Array:
   """PyTorch MaxPool2d: symmetric padding with -inf (never selected), floor output size."""
-  return nn.max_pool(x, (window, window), strides=(stride, stride), padding=((padding, padding), (padding, padding)))
+  return nn.max_pool(x, (window, window), strides=(stride, stride),
+                     padding=((padding, padding), (padding, padding)))
 
 
 class BasicBlock(nn.Module):
-  """3x3 (stride) -> BN -> ReLU -> 3x3 -> BN, plus identity/downsample, ReLU. Expansion 1."""
+  """3x3 (stride) -> BN -> ReLU -> 3x3 -> BN, plus identity/downsample, ReLU. Expansion 1.
+
+  `conv` and `norm` are the network's constructors (`layers.conv`, `layers.batch_norm` partials).
+  """
   planes: int
+  conv: ModuleDef
+  norm: ModuleDef
   stride: int = 1
-  dtype: Any = jnp.float32
-  bn_axis_name: Optional[str] = None
   expansion = 1
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
-    bn = lambda name: batch_norm(train, axis_name=self.bn_axis_name, momentum=_BN_MOMENTUM,  # noqa: E731
-                                 epsilon=_BN_EPS, dtype=self.dtype, name=name)
+  def __call__(self, x):
     out_channels = self.planes * self.expansion
-    y = nn.relu(bn("bn1")(conv(self.planes, 3, strides=self.stride, dtype=self.dtype, name="conv1")(x)))
-    y = bn("bn2")(conv(self.planes, 3, dtype=self.dtype, name="conv2")(y))
+    y = self.conv(self.planes, 3, strides=self.stride, name="conv1")(x)
+    y = nn.relu(self.norm(name="bn1")(y))
+    y = self.norm(name="bn2")(self.conv(self.planes, 3, name="conv2")(y))
     shortcut = x
     if self.stride != 1 or x.shape[-1] != out_channels:
-      downsample = conv(out_channels, 1, strides=self.stride, dtype=self.dtype, name="downsample_conv")
-      shortcut = bn("downsample_bn")(downsample(x))
+      shortcut = self.conv(out_channels, 1, strides=self.stride, name="downsample_conv")(x)
+      shortcut = self.norm(name="downsample_bn")(shortcut)
     return nn.relu(y + shortcut)
 
 
 class Bottleneck(nn.Module):
-  """1x1 -> 3x3 (stride, v1.5) -> 1x1 (x4), each with BN, ReLU after the first two and after the sum."""
+  """1x1 -> 3x3 (stride, v1.5) -> 1x1 (x4), each with BN, ReLU after the first two and after the
+  sum. `conv` and `norm` as in BasicBlock."""
   planes: int
+  conv: ModuleDef
+  norm: ModuleDef
   stride: int = 1
-  dtype: Any = jnp.float32
-  bn_axis_name: Optional[str] = None
   expansion = 4
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
-    bn = lambda name: batch_norm(train, axis_name=self.bn_axis_name, momentum=_BN_MOMENTUM,  # noqa: E731
-                                 epsilon=_BN_EPS, dtype=self.dtype, name=name)
+  def __call__(self, x):
     out_channels = self.planes * self.expansion
-    y = nn.relu(bn("bn1")(conv(self.planes, 1, dtype=self.dtype, name="conv1")(x)))
-    y = nn.relu(bn("bn2")(conv(self.planes, 3, strides=self.stride, dtype=self.dtype, name="conv2")(y)))
-    y = bn("bn3")(conv(out_channels, 1, dtype=self.dtype, name="conv3")(y))
+    y = nn.relu(self.norm(name="bn1")(self.conv(self.planes, 1, name="conv1")(x)))
+    y = self.conv(self.planes, 3, strides=self.stride, name="conv2")(y)
+    y = nn.relu(self.norm(name="bn2")(y))
+    y = self.norm(name="bn3")(self.conv(out_channels, 1, name="conv3")(y))
     shortcut = x
     if self.stride != 1 or x.shape[-1] != out_channels:
-      downsample = conv(out_channels, 1, strides=self.stride, dtype=self.dtype, name="downsample_conv")
-      shortcut = bn("downsample_bn")(downsample(x))
+      shortcut = self.conv(out_channels, 1, strides=self.stride, name="downsample_conv")(x)
+      shortcut = self.norm(name="downsample_bn")(shortcut)
     return nn.relu(y + shortcut)
 
 
@@ -95,39 +104,40 @@ class ResNet(nn.Module):
   layers: Sequence[int]
   num_classes: int = 1000
   dtype: Any = jnp.float32
-  bn_axis_name: Optional[str] = None
+  bn_axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
     block_cls = {"basic": BasicBlock, "bottleneck": Bottleneck}[self.block]
+    conv = functools.partial(layers.conv, dtype=self.dtype)
+    norm = layers.batch_norm(train, axis_name=self.bn_axis_name, momentum=_BN_MOMENTUM,
+                             epsilon=_BN_EPS, dtype=self.dtype)
     x = x.astype(self.dtype)
-    x = conv(64, 7, strides=2, dtype=self.dtype, name="conv1")(x)
-    x = batch_norm(train, axis_name=self.bn_axis_name, momentum=_BN_MOMENTUM, epsilon=_BN_EPS, dtype=self.dtype,
-                   name="bn1")(x)
+    x = norm(name="bn1")(conv(64, 7, strides=2, name="conv1")(x))
     x = max_pool_torch(nn.relu(x))
     features = {}
     for stage, (planes, count) in enumerate(zip((64, 128, 256, 512), self.layers), start=1):
       for i in range(count):
         stride = 2 if (i == 0 and stage > 1) else 1
-        x = block_cls(planes, stride, dtype=self.dtype, bn_axis_name=self.bn_axis_name,
-                      name=f"layer{stage}_{i}")(x, train=train)
+        x = block_cls(planes, conv=conv, norm=norm, stride=stride, name=f"layer{stage}_{i}")(x)
       features[f"stage{stage}"] = x
     embedding = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-    fan_in = embedding.shape[-1]
-    bound = 1.0 / math.sqrt(fan_in)  # torch.nn.Linear default init
-    uniform = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)  # noqa: E731
-    logits = nn.Dense(self.num_classes, kernel_init=uniform, bias_init=uniform, dtype=self.dtype,
-                      param_dtype=jnp.float32, name="fc")(embedding.astype(self.dtype))
-    logits = logits.astype(jnp.float32)
+    linear_init = layers.torch_uniform_init(embedding.shape[-1])  # torch.nn.Linear's default
+    fc = nn.Dense(self.num_classes, kernel_init=linear_init, bias_init=linear_init,
+                  dtype=self.dtype, param_dtype=jnp.float32, name="fc")
+    logits = fc(embedding.astype(self.dtype)).astype(jnp.float32)
     if return_features:
       features["embedding"] = embedding
       return logits, features
     return logits
 
 
-def _factory(block: str, layers: Sequence[int]):
-  def factory(*, num_classes: int, dtype=jnp.float32, bn_axis_name: Optional[str] = None) -> ResNet:
-    return ResNet(block=block, layers=tuple(layers), num_classes=num_classes, dtype=dtype, bn_axis_name=bn_axis_name)
+def _factory(block: str, depths: Sequence[int]):
+  variant = functools.partial(ResNet, block=block, layers=tuple(depths))
+
+  def factory(*, num_classes: int, dtype=jnp.float32, bn_axis_name: str | None = None) -> ResNet:
+    return variant(num_classes=num_classes, dtype=dtype, bn_axis_name=bn_axis_name)
+
   return factory
 
 

@@ -7,13 +7,15 @@ A checkpoint at optimizer step S holds two items:
   abstract target that carries the mesh shardings (so a restored state is
   already laid out as the train step expects);
 - 'position': a small JSON dict describing where the input pipeline is, e.g.
-  {'epoch': 3, 'step_in_epoch': 120, 'data_seed': 0}, so that the loop can
-  rebuild the data iterator at exactly the next batch.
+  {'step': 1320, 'epoch': 3, 'seed': 0} (what `jaxkd.train.loop.fit` saves),
+  so that the loop can rebuild the data iterator at exactly the next batch.
 
 Retention: the last `keep_last` checkpoints are kept, plus the best
 `keep_best` among those saved with metrics (e.g. val accuracy at the end of an
 epoch), by `best_metric` and `best_mode`; checkpoints without metrics (periodic
-saves) only live through the keep-last rule.
+saves) only live through the keep-last rule. The cadence (every N steps, epoch
+ends, the last step, after evaluations, on a stop request) is the
+Checkpointer's too: see `Checkpointer.maybe_save`.
 
 Saves are asynchronous by default (Orbax copies the arrays to host memory
 before `save` returns, so the train step may donate the state afterwards);
@@ -26,7 +28,8 @@ import logging
 import os
 import signal
 import threading
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -41,7 +44,7 @@ PyTree = Any
 
 
 class _DropMetricWarning(logging.Filter):
-  """Orbax warns on every save without metrics once best_fn is set; periodic saves have none by design."""
+  """Orbax warns on every save without metrics once best_fn is set; periodic saves have none."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     return "did not provide metrics" not in record.getMessage()
@@ -53,16 +56,23 @@ logging.getLogger("absl").addFilter(_DropMetricWarning())
 class Checkpointer:
   """Periodic / end-of-epoch / best checkpoints of a TrainState and the input position.
 
+  The Checkpointer owns the save cadence: `maybe_save`, called after every step,
+  saves every `save_every_steps` steps, at each epoch end (`steps_per_epoch`),
+  at the last step (`total_steps`), whenever evaluation `metrics` come with the
+  step (they make it a candidate for best) and when forced (a stop request).
+
   Usage (the loop):
 
     ckpt = Checkpointer(workdir / 'checkpoints', keep_last=2, keep_best=1,
-                        best_metric='val_accuracy', save_every_steps=500)
+                        best_metric='val_top1', save_every_steps=500,
+                        steps_per_epoch=spe, total_steps=total)
     restored = ckpt.restore_latest(state)          # or None on a fresh start
     if restored is not None:
       state, position = restored
     ...
-    ckpt.maybe_save(state, position)               # after each step (every N steps)
-    ckpt.save(state, position, metrics={'val_accuracy': acc})   # end of epoch
+    ckpt.maybe_save(state, position, step=step)    # after each step
+    ckpt.maybe_save(state, position, step=step, metrics={'val_top1': acc})  # after an eval
+    ckpt.maybe_save(state, position, step=step, force=True)  # stop requested
     ckpt.close()
 
   `position` must be JSON-serialisable.
@@ -70,18 +80,24 @@ class Checkpointer:
 
   def __init__(self, directory: str | os.PathLike, *, keep_last: int = 2, keep_best: int = 1,
                best_metric: str = "val_accuracy", best_mode: str = "max",
-               save_every_steps: Optional[int] = None, async_save: bool = True):
+               save_every_steps: int | None = None, steps_per_epoch: int | None = None,
+               total_steps: int | None = None, async_save: bool = True):
     if keep_last < 1:
-      raise ValueError(f"keep_last must be >= 1 (the latest checkpoint is needed to resume), got {keep_last}")
+      raise ValueError("keep_last must be >= 1 (the latest checkpoint is needed to resume), got "
+                       f"{keep_last}")
     if keep_best < 0:
       raise ValueError(f"keep_best must be >= 0, got {keep_best}")
     if best_mode not in ("max", "min"):
       raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
-    if save_every_steps is not None and save_every_steps <= 0:
-      raise ValueError(f"save_every_steps must be positive or None, got {save_every_steps}")
+    for name, value in (("save_every_steps", save_every_steps),
+                        ("steps_per_epoch", steps_per_epoch), ("total_steps", total_steps)):
+      if value is not None and value <= 0:
+        raise ValueError(f"{name} must be positive or None, got {value}")
     self.directory = os.path.abspath(os.fspath(directory))
     self.best_metric = best_metric
     self.save_every_steps = save_every_steps
+    self.steps_per_epoch = steps_per_epoch
+    self.total_steps = total_steps
 
     def metric_of(metrics: Mapping[str, Any]) -> float:
       if best_metric not in metrics:
@@ -105,10 +121,10 @@ class Checkpointer:
   def manager(self) -> ocp.CheckpointManager:
     return self._manager
 
-  def latest_step(self) -> Optional[int]:
+  def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def best_step(self) -> Optional[int]:
+  def best_step(self) -> int | None:
     """The step with the best `best_metric` among checkpoints saved with metrics (None if none)."""
     with_metrics = [s for s in self._manager.all_steps() if self._manager.metrics(s) is not None]
     if not with_metrics:
@@ -118,12 +134,12 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
-  def metrics(self, step: int) -> Optional[dict]:
+  def metrics(self, step: int) -> dict | None:
     return self._manager.metrics(step)
 
   # -- saving ----------------------------------------------------------------------------------
   def save(self, state: PyTree, position: Mapping[str, Any], *,
-           metrics: Optional[Mapping[str, float]] = None) -> bool:
+           metrics: Mapping[str, float] | None = None) -> bool:
     """Saves now (at step int(state.step)); returns True if a checkpoint was written.
 
     If this step is already saved, it is left as is, except when `metrics` are
@@ -143,16 +159,30 @@ class Checkpointer:
                                 position=ocp.args.JsonSave(dict(position))),
         metrics=metrics, force=True)
 
-  def maybe_save(self, state: PyTree, position: Mapping[str, Any], *, force: bool = False) -> bool:
-    """Saves when step % save_every_steps == 0 (or `force`, e.g. after SIGTERM)."""
-    if force:
-      return self.save(state, position)
-    if self.save_every_steps is None:
-      return False
-    step = int(jax.device_get(state.step))
-    if step % self.save_every_steps:
-      return False
-    return self.save(state, position)
+  def due(self, step: int) -> bool:
+    """Whether the cadence asks for a checkpoint at `step`: every `save_every_steps` steps,
+    an epoch end (`steps_per_epoch`) or the last step (`total_steps`)."""
+    return ((self.save_every_steps is not None and step % self.save_every_steps == 0)
+            or (self.steps_per_epoch is not None and step % self.steps_per_epoch == 0)
+            or (self.total_steps is not None and step == self.total_steps))
+
+  def maybe_save(self, state: PyTree, position: Mapping[str, Any], *, step: int | None = None,
+                 metrics: Mapping[str, float] | None = None, force: bool = False) -> bool:
+    """Saves if the cadence asks for it (`due`), if `metrics` are given or if `force`d.
+
+    step: the state's step as the caller counts it on the host; without it,
+      it is read from `state.step` (a device-to-host transfer, i.e. a sync
+      with the device every call).
+    metrics: evaluation metrics of this step (they may make it the best).
+    force: save whatever the cadence (e.g. a stop request).
+    Returns True if a checkpoint was written.
+    """
+    if not (force or metrics is not None):
+      if step is None:
+        step = int(jax.device_get(state.step))
+      if not self.due(step):
+        return False
+    return self.save(state, position, metrics=metrics)
 
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()
@@ -162,8 +192,10 @@ class Checkpointer:
     self._manager.close()
 
   # -- restoring -------------------------------------------------------------------------------
-  def restore(self, target: PyTree, step: Optional[int] = None) -> tuple[PyTree, dict]:
-    """Restores (state, position) at `step` (default: latest) onto `target`'s structure and shardings.
+  def restore(self, target: PyTree, step: int | None = None) -> tuple[PyTree, dict]:
+    """Restores (state, position) at `step` (default: latest) onto `target`'s layout.
+
+    The restored arrays take `target`'s structure and shardings.
 
     `target` is a TrainState laid out as training needs it (e.g. the freshly
     created, replicated state; its values are not used), or a pytree of
@@ -181,13 +213,13 @@ class Checkpointer:
                                       position=ocp.args.JsonRestore()))
     return restored["state"], dict(restored["position"])
 
-  def restore_latest(self, target: PyTree) -> Optional[tuple[PyTree, dict]]:
+  def restore_latest(self, target: PyTree) -> tuple[PyTree, dict] | None:
     """(state, position) from the latest checkpoint, or None if there is none (fresh start)."""
     if self._manager.latest_step() is None:
       return None
     return self.restore(target)
 
-  def __enter__(self) -> "Checkpointer":
+  def __enter__(self) -> Checkpointer:
     return self
 
   def __exit__(self, *exc) -> None:
@@ -197,16 +229,20 @@ class Checkpointer:
 class PreemptionFlag:
   """Set by SIGTERM (and optionally SIGINT); the loop checks it at each step boundary.
 
-    flag = install_sigterm_handler()
+    flag = install_stop_handler()
     for batch in data:
       state, metrics = train_step(state, batch)
       if flag.requested:
-        ckpt.save(state, position); ckpt.close(); sys.exit(0)
+        ckpt.maybe_save(state, position, force=True)
+        raise StopRequested(flag.signum, f"during training at step {step}; checkpoint saved")
+
+  (`jaxkd.train.loop.fit` does exactly this; the command line turns StopRequested into a
+  message and an exit code.)
   """
 
   def __init__(self):
     self._event = threading.Event()
-    self.signum: Optional[int] = None
+    self.signum: int | None = None
     self._previous: dict[int, Any] = {}
 
   @property
@@ -216,7 +252,7 @@ class PreemptionFlag:
   def __bool__(self) -> bool:
     return self.requested
 
-  def set(self, signum: Optional[int] = None) -> None:
+  def set(self, signum: int | None = None) -> None:
     self.signum = signum
     self._event.set()
 
@@ -233,7 +269,7 @@ class StopRequested(Exception):
   The command line turns it into one message and an exit code; library code never exits.
   """
 
-  def __init__(self, signum: Optional[int], where: str):
+  def __init__(self, signum: int | None, where: str):
     self.signum = signum
     self.where = where
     name = signal.Signals(signum).name if signum else "a stop request"
@@ -253,7 +289,7 @@ def install_sigterm_handler(*, also_sigint: bool = False) -> PreemptionFlag:
   """Installs a handler that only sets a flag on SIGTERM (and SIGINT if asked); returns the flag.
 
   The handler does no I/O: the loop notices `flag.requested` after the current
-  step, saves a checkpoint and exits cleanly. A second signal while the flag is
+  step, saves a checkpoint and raises StopRequested. A second signal while the flag is
   already set falls back to the previous handler's behaviour (default: die), so
   a stuck process can still be stopped. Must be called from the main thread.
   """

@@ -5,7 +5,8 @@ which the eval step zeroes out, so every example counts exactly once.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping, Optional
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -46,11 +47,12 @@ def accumulate(outputs: Iterable[Mapping[str, Any]], num_classes: int) -> dict[s
   with np.errstate(invalid="ignore", divide="ignore"):
     per_class = np.diag(confusion) / per_class_total
   return {"top1": float(np.trace(confusion) / n), "top5": correct5 / n, "loss": ce / n,
-          "num_examples": n, "per_class_accuracy": per_class.tolist(), "confusion": confusion.tolist()}
+          "num_examples": n, "per_class_accuracy": per_class.tolist(),
+          "confusion": confusion.tolist()}
 
 
 def evaluate(eval_step: Callable, variables: Any, batches: Iterable[Mapping[str, Any]], *,
-             num_classes: int, total: Optional[int] = None, desc: str = "eval",
+             num_classes: int, total: int | None = None, desc: str = "eval",
              progress: bool = True) -> dict[str, Any]:
   """Runs `eval_step(variables, batch)` (from jaxkd.train.step.make_eval_step) over `batches`.
 
@@ -61,7 +63,8 @@ def evaluate(eval_step: Callable, variables: Any, batches: Iterable[Mapping[str,
 
   def outputs():
     pending = None
-    for batch in tqdm(batches, total=total, desc=desc, unit="batch", disable=not progress, leave=False):
+    for batch in tqdm(batches, total=total, desc=desc, unit="batch", disable=not progress,
+                      leave=False):
       out = eval_step(variables, batch)
       out = {k: out[k] for k in keep}
       if pending is not None:

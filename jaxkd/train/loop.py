@@ -1,47 +1,194 @@
-"""The training loop: data -> train step -> metrics / checkpoints, resumable and preemptible.
+"""The training loop: batches -> train step -> metrics / evaluations / checkpoints, resumable.
 
-One function, `fit`, trains a teacher or a student for a stage of an
-experiment. Everything it writes lives in the stage's folder:
+One function, `fit`, runs a built train step over a stream of batches for a
+stage of an experiment. The caller builds everything (the model's TrainState,
+the optimizer, the train step, the input stream and the evaluation) and hands
+`fit` the pieces; `fit` owns the order of things. Everything it writes lives in
+the stage's folder:
 
     <stage_dir>/checkpoints/     Orbax: the last N, the best by val top-1, each with
                                  the input position ({'step', 'epoch', 'seed'})
     <stage_dir>/metrics.jsonl    one JSON line per log interval and per evaluation
-    <stage_dir>/tensorboard/     TensorBoard event files (process 0 only)
+    <stage_dir>/tensorboard/     TensorBoard event files (process 0 only; optional)
 
 Resuming restores the TrainState (parameters, BatchNorm statistics, optimizer
 state, step, RNG) and restarts the input stream at the saved step, so an
 interrupted run ends with the same parameters as an uninterrupted one. The
 loop reads nothing back from the devices between log intervals (no host sync
-per step): the step counter is tracked on the host.
+per step): the step counter is tracked on the host, and the loss is checked for
+NaN/Inf where the metrics are fetched anyway.
+
+Building a stage from its config (what jaxkd.experiment does):
+
+    spec = FitSpec.from_config(stage, steps_per_epoch=spe, seed=seed, desc='student')
+    tx, schedule = optim.build_optimizer(stage.optimizer, total_steps=max(spec.total_steps, 1),
+                                         steps_per_epoch=spe)
+    state = create_train_state(model, jax.random.key(seed), (1, size, size, 3), tx)
+    state = replicate(state, mesh)           # after with_variables(state, pretrained, tx), if any
+    loss = LossConfig.from_config(stage.loss, steps_per_epoch=spe)
+    train_step = make_train_step(model, loss, tx, mesh, learning_rate_fn=schedule)
+    result = fit(state, train_step, spec, stage_dir=..., train_batches=..., evaluate=...)
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 import time
-from typing import Any, Callable, Mapping, Optional
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxkd.train import evaluate as evaluate_lib
-from jaxkd.train import optim
-from jaxkd.train.checkpoint import Checkpointer, PreemptionFlag
-from jaxkd.train.state import TrainState, create_train_state, replicate
-from jaxkd.train.step import make_eval_step, make_train_step
+from jaxkd.train.optim import config_get
+from jaxkd.train.state import TrainState, abstract_state
 
-__all__ = ["FitResult", "MetricsWriter", "fit", "read_metrics"]
+if TYPE_CHECKING:
+  from jaxkd.train.checkpoint import PreemptionFlag
+
+__all__ = ["FitSpec", "FitResult", "NonFiniteLossError", "MetricsWriter", "fit", "read_metrics"]
+
+PyTree = Any
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN or Inf; `fit` stopped (the checkpoints before it are kept)."""
+
+  def __init__(self, desc: str, step: int, value: float, checkpoints: str | None = None):
+    self.desc, self.step, self.value = desc, step, value
+    kept = f"; the checkpoints before it are in {checkpoints}" if checkpoints else ""
+    super().__init__(
+        f"{desc} training: the loss is {value} at step {step}{kept}. What to try: a lower "
+        "learning rate (optimizer.learning_rate), checking the data (labels, images that "
+        "decode to NaN/Inf, teacher logits), and float32 compute (dtype='float32') instead of "
+        "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class FitSpec:
+  """What `fit` needs to know besides the state, the step and the data.
+
+  total_steps: optimizer steps to train to (a resumed run continues up to it).
+  steps_per_epoch: for epoch ends (evaluations, checkpoints, the logged 'epoch').
+  batch_size: the global batch (progress bars, images/s).
+  seed: the data seed; a checkpoint made with another seed is refused.
+  log_every_steps: metrics logging interval (also at epoch ends and the last step);
+    the loss is checked for NaN/Inf there.
+  eval_every_epochs: evaluate every this many epochs (and at the last step).
+  checkpoint_every_steps: periodic checkpoints (also at epoch ends and the last step).
+  keep_checkpoints: latest checkpoints kept (plus the best by val top-1).
+  desc: the stage's name in messages ('teacher', 'student').
+  progress: tqdm bars (False: one line per epoch end, for logs).
+  eval_name: the evaluated split's name (metrics kind 'eval_<eval_name>').
+  tensorboard: also write TensorBoard event files (imports TensorFlow).
+  """
+  total_steps: int
+  steps_per_epoch: int
+  batch_size: int
+  seed: int
+  log_every_steps: int = 50
+  eval_every_epochs: int = 1
+  checkpoint_every_steps: int | None = None
+  keep_checkpoints: int = 2
+  desc: str = "train"
+  progress: bool = True
+  eval_name: str = "val"
+  tensorboard: bool = True
+
+  def __post_init__(self):
+    checks = {"total_steps": self.total_steps >= 0, "steps_per_epoch": self.steps_per_epoch >= 1,
+              "batch_size": self.batch_size >= 1, "log_every_steps": self.log_every_steps >= 1,
+              "eval_every_epochs": self.eval_every_epochs >= 1,
+              "keep_checkpoints": self.keep_checkpoints >= 1,
+              "checkpoint_every_steps": (self.checkpoint_every_steps is None
+                                         or self.checkpoint_every_steps >= 1)}
+    for name, ok in checks.items():
+      if not ok:
+        raise ValueError(f"FitSpec.{name}={getattr(self, name)!r} is out of range: "
+                         + ("use >= 0" if name == "total_steps" else "use a positive int"))
+
+  @classmethod
+  def from_config(cls, stage_config: Any, *, steps_per_epoch: int, seed: int,
+                  desc: str = "train", progress: bool = True, **overrides) -> FitSpec:
+    """The spec of a stage config (`<stage>` of jaxkd.config: epochs, batch_size, max_steps,
+    log_every_steps, checkpoint_every_steps, keep_checkpoints, eval_every_epochs).
+
+    total_steps = epochs * steps_per_epoch, capped by max_steps when set. Keys the
+    config lacks take jaxkd.config's schema defaults, except `epochs` (required).
+    `overrides` set other fields (eval_name, tensorboard).
+    """
+    from jaxkd import config as schema  # ml_collections: only where configs are
+
+    cfg = stage_config
+    epochs = config_get(cfg, "epochs", None)
+    if epochs is None:
+      raise ValueError("the stage config has no epochs; set <stage>.epochs")
+
+    def get(key: str) -> Any:
+      return config_get(cfg, key, schema.default(f"student.{key}"))
+
+    total_steps = int(epochs) * int(steps_per_epoch)
+    max_steps = get("max_steps")
+    if max_steps:
+      total_steps = min(total_steps, int(max_steps))
+    every = get("checkpoint_every_steps")
+    return cls(total_steps=total_steps, steps_per_epoch=int(steps_per_epoch),
+               batch_size=int(get("batch_size")), seed=int(seed),
+               log_every_steps=int(get("log_every_steps")),
+               eval_every_epochs=int(get("eval_every_epochs")),
+               checkpoint_every_steps=None if every is None else int(every),
+               keep_checkpoints=int(get("keep_checkpoints")), desc=desc, progress=progress,
+               **overrides)
+
+
+def _val_of(metrics: Mapping[str, Any] | None) -> dict | None:
+  """The evaluation results saved with a checkpoint ({'val_top1': ...} -> {'top1': ...})."""
+  if not metrics:
+    return None
+  val = {k[len("val_"):]: v for k, v in metrics.items() if k.startswith("val_")}
+  if "num_examples" in val:
+    val["num_examples"] = int(val["num_examples"])
+  return val
 
 
 @dataclasses.dataclass
 class FitResult:
+  """What `fit` returns.
+
+  state: the last TrainState.
+  steps: its step (the stage's total_steps unless stopped early).
+  val: the last evaluation (the evaluate callable's dict; for a stage that had
+    already finished, the scalar results saved with its last checkpoint), or None.
+  best_val / best_step: the best evaluation by val top-1 and its step, from the
+    checkpoints' saved results (top1, top5, loss, num_examples); None without
+    evaluations.
+  """
   state: TrainState
   steps: int
-  preempted: bool
-  val: Optional[dict]  # last evaluation (top1, top5, ...) or None
+  val: dict | None
+  best_val: dict | None
+  best_step: int | None
+  checkpoint_dir: pathlib.Path | None = None
+
+  def variables(self, which: str = "last") -> dict:
+    """The model variables of the last state ('last') or of the best checkpoint ('best')."""
+    if which == "last":
+      return self.state.variables()
+    if which != "best":
+      raise ValueError(f"which={which!r}: use 'last' or 'best'")
+    if self.best_step is None:
+      raise ValueError("no evaluation ran during this training, so there is no best checkpoint; "
+                       "use the last variables ('last'), or evaluate during training")
+    if self.best_step == self.steps:
+      return self.state.variables()
+    from jaxkd.train.checkpoint import Checkpointer
+    with Checkpointer(self.checkpoint_dir, keep_last=1, keep_best=1,
+                      best_metric="val_top1") as ckpt:
+      state, _ = ckpt.restore(abstract_state(self.state), step=self.best_step)
+    return state.variables()
 
 
 class MetricsWriter:
@@ -83,13 +230,13 @@ def read_metrics(stage_dir: pathlib.Path) -> list[dict]:
 
 
 def _truncate_metrics_after(path: pathlib.Path, step: int) -> None:
-  """Drops metric lines logged after `step` (written by a run that died before its next checkpoint)."""
+  """Drops metric lines logged after `step` (by a run that died before its next checkpoint)."""
   if not path.exists():
     return
-  lines = [l for l in path.read_text().splitlines() if l.strip()]
-  kept = [l for l in lines if json.loads(l)["step"] <= step]
+  lines = [line for line in path.read_text().splitlines() if line.strip()]
+  kept = [line for line in lines if json.loads(line)["step"] <= step]
   if len(kept) != len(lines):
-    path.write_text("".join(l + "\n" for l in kept))
+    path.write_text("".join(line + "\n" for line in kept))
 
 
 class _QuietProgress:
@@ -115,133 +262,126 @@ class _QuietProgress:
           f"{left / 60:.1f} min left", flush=True)
 
 
-def fit(*, model, stage_config: Any, source, augment: Mapping[str, Any], mesh, stage_dir: pathlib.Path,
-        seed: int, image_size: int, teacher_model=None, teacher_variables=None,
-        teacher_lookup: Optional[Callable] = None, init_variables: Optional[Mapping[str, Any]] = None,
-        eval_split: Optional[str] = "val", eval_batch_size: Optional[int] = None,
-        preemption: Optional[PreemptionFlag] = None, num_parallel_calls: Optional[int] = None,
-        progress: bool = True, desc: str = "train") -> FitResult:
-  """Trains `model` for `stage_config.epochs` epochs (or `stage_config.max_steps`) and returns the state.
+def _mean_checked(pending: list[dict], step: int, desc: str, checkpoints: str) -> dict:
+  """Host means of the metrics of the steps up to `step`; NonFiniteLossError on a NaN/Inf loss."""
+  host = jax.device_get(pending)
+  for i, m in enumerate(host):
+    value = float(m["loss"])
+    if not math.isfinite(value):
+      raise NonFiniteLossError(desc, step - len(host) + 1 + i, value, checkpoints)
+  return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
 
-  stage_config fields: epochs, batch_size (global), optimizer (see
-  jaxkd.train.optim.make_optimizer/make_schedule), loss (jaxkd.train.step.LossConfig
-  fields), log_every_steps, checkpoint_every_steps, keep_checkpoints, max_steps
-  (optional cap, for smoke runs), eval_every_epochs.
+
+def _checked_val(val: Any, desc: str) -> dict:
+  if not isinstance(val, Mapping) or "top1" not in val:
+    got = sorted(val) if isinstance(val, Mapping) else type(val).__name__
+    raise ValueError(f"{desc}: the evaluate callable must return a dict with 'top1' (and "
+                     f"'top5', 'loss'), got {got}")
+  return dict(val)
+
+
+def fit(state: TrainState, train_step: Callable[..., tuple[TrainState, dict]], spec: FitSpec, *,
+        stage_dir: str | pathlib.Path, train_batches: Callable[[int], Iterator[Mapping[str, Any]]],
+        evaluate: Callable[[PyTree], Mapping[str, Any]] | None = None,
+        teacher_variables: PyTree | None = None,
+        stop: PreemptionFlag | None = None) -> FitResult:
+  """Trains `state` with `train_step` up to `spec.total_steps`, resuming from `stage_dir`.
+
+  state: the freshly created TrainState (pretrained variables already in, replicated
+    on the mesh); when `<stage_dir>/checkpoints` holds a checkpoint, it is restored
+    over this state (its layout is the target) and training continues from its step.
+  train_step: `jaxkd.train.step.make_train_step`'s function (donates its state).
+  train_batches: `start_step -> iterator` of on-device batches, the first being the
+    batch of step `start_step` (called once, only if there is training left).
+  evaluate: `variables -> {'top1', 'top5', 'loss', ...}`, called at the end of every
+    `eval_every_epochs`-th epoch and at the last step; its results go to
+    metrics.jsonl and with the checkpoint (which makes the best one by top-1 kept).
+    None: no evaluation (then there is no best checkpoint).
+  teacher_variables: passed to every train_step call (an online teacher's variables,
+    replicated on the mesh); None for stored logits or no teacher.
+  stop: a `jaxkd.train.checkpoint.PreemptionFlag`; when it is set, fit saves a
+    checkpoint after the current step and raises `StopRequested`.
+
+  Raises NonFiniteLossError (a FloatingPointError) when a logged loss is NaN/Inf,
+  StopRequested on a stop request (checkpoint saved), ValueError when the
+  checkpoint was made with another seed.
   """
-  from jaxkd.data import pipeline  # TensorFlow only when training
+  from jaxkd.train.checkpoint import Checkpointer, StopRequested  # Orbax: only when training
 
-  cfg = stage_config
+  desc, spe, total = spec.desc, spec.steps_per_epoch, spec.total_steps
   stage_dir = pathlib.Path(stage_dir)
-  batch_size = int(cfg.batch_size)
-  steps_per_epoch = pipeline.steps_per_epoch(source, "train", global_batch_size=batch_size)
-  if steps_per_epoch < 1:
-    raise ValueError(f"batch_size={batch_size} is larger than the training split "
-                     f"({source.num_examples('train')} examples); lower batch_size")
-  total_steps = int(cfg.epochs) * steps_per_epoch
-  max_steps = optim.config_get(cfg, "max_steps", None)
-  if max_steps:
-    total_steps = min(total_steps, int(max_steps))
-  tx, schedule = optim.build_optimizer(cfg.optimizer, total_steps=max(total_steps, 1),
-                                       steps_per_epoch=steps_per_epoch)
-
-  state = create_train_state(model, jax.random.key(seed), (1, image_size, image_size, 3), tx)
-  if init_variables is not None:
-    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), init_variables["params"])
-    stats = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), init_variables.get("batch_stats", {}))
-    state = state.replace(params=params, batch_stats=stats, opt_state=tx.init(params))
-  state = replicate(state, mesh)
-
-  log_every = int(optim.config_get(cfg, "log_every_steps", 50))
-  ckpt_every = optim.config_get(cfg, "checkpoint_every_steps", None)
-  eval_every = int(optim.config_get(cfg, "eval_every_epochs", 1))
-  ckpt = Checkpointer(stage_dir / "checkpoints", keep_last=int(optim.config_get(cfg, "keep_checkpoints", 2)),
-                      keep_best=1, best_metric="val_top1", save_every_steps=ckpt_every)
-  writer = None
+  ckpt = Checkpointer(stage_dir / "checkpoints", keep_last=spec.keep_checkpoints, keep_best=1,
+                      best_metric="val_top1", save_every_steps=spec.checkpoint_every_steps,
+                      steps_per_epoch=spe, total_steps=total)
+  writer = bar = None
   try:
     restored = ckpt.restore_latest(state)
     if restored is not None:
       state, position = restored
-      if int(position.get("seed", seed)) != seed:
+      if int(position.get("seed", spec.seed)) != spec.seed:
         raise ValueError(f"checkpoint in {ckpt.directory} was made with seed {position['seed']}, "
-                         f"the config says {seed}; use the same seed or a new workdir")
+                         f"the config says {spec.seed}; use the same seed or a new workdir")
     step = int(jax.device_get(state.step))
     if restored is not None and jax.process_index() == 0:
-      print(f"[{desc}] resuming from the checkpoint at step {step} of {total_steps}", flush=True)
+      print(f"[{desc}] resuming from the checkpoint at step {step} of {total}", flush=True)
+
+    def result(val: dict | None) -> FitResult:
+      ckpt.wait_until_finished()
+      best_step = ckpt.best_step()
+      best_val = None if best_step is None else _val_of(ckpt.metrics(best_step))
+      return FitResult(state=state, steps=step, val=val, best_val=best_val, best_step=best_step,
+                       checkpoint_dir=pathlib.Path(ckpt.directory))
+
+    if step >= total:  # finished before (e.g. killed after training, before the next stage)
+      latest = ckpt.latest_step()
+      return result(None if latest is None else _val_of(ckpt.metrics(latest)))
+
     _truncate_metrics_after(stage_dir / "metrics.jsonl", step)
-    writer = MetricsWriter(stage_dir)
-
-    loss_config = dict(cfg.loss)
-    warmup_epochs = float(loss_config.pop("warmup_epochs", 0.0) or 0.0)
-    if warmup_epochs:
-      loss_config["warmup"] = max(int(round(warmup_epochs * steps_per_epoch)), 1)
-    train_step = make_train_step(model, loss_config, tx, mesh, learning_rate_fn=schedule,
-                                 teacher_model=teacher_model)
-    eval_step = make_eval_step(model, mesh)
-    needs_teacher = train_step.loss_config.needs_teacher
-    if needs_teacher and teacher_model is None and teacher_lookup is None:
-      raise ValueError(f"loss {train_step.loss_config.kind!r} needs a teacher: stored logits "
-                       "(teacher_lookup) or an online teacher (teacher_model)")
-
-    def run_eval(split):
-      batches = pipeline.eval_batches(source, split, global_batch_size=eval_batch_size or batch_size,
-                                      augment=augment, image_size=image_size, mesh=mesh,
-                                      num_parallel_calls=num_parallel_calls)
-      total = pipeline.num_eval_batches(source, split, global_batch_size=eval_batch_size or batch_size)
-      return evaluate_lib.evaluate(eval_step, state.variables(), batches, num_classes=source.num_classes,
-                                   total=total, desc=f"{desc} eval {split}", progress=progress)
-
-    last_val = None
-    if step >= total_steps:
-      return FitResult(state=state, steps=step, preempted=False, val=None)
-
-    batches = pipeline.train_batches(
-        source, "train", global_batch_size=batch_size, mesh=mesh, augment=augment, image_size=image_size,
-        seed=seed, start_step=step, num_parallel_calls=num_parallel_calls,
-        teacher_lookup=teacher_lookup if (needs_teacher and teacher_model is None) else None)
-    t_vars = replicate(teacher_variables, mesh) if teacher_model is not None else None
-
-    bar = tqdm(total=total_steps * batch_size, initial=step * batch_size, unit="img", unit_scale=True,
-               desc=desc, disable=not progress or jax.process_index() != 0, dynamic_ncols=True)
+    writer = MetricsWriter(stage_dir, tensorboard=spec.tensorboard)
+    batches = train_batches(step)
+    bar = tqdm(total=total * spec.batch_size, initial=step * spec.batch_size, unit="img",
+               unit_scale=True, desc=desc, dynamic_ncols=True,
+               disable=not spec.progress or jax.process_index() != 0)
+    quiet_log = _QuietProgress(desc, total, spe, spec.batch_size, start_step=step,
+                               enabled=not spec.progress and jax.process_index() == 0)
     pending: list[dict] = []
-    preempted = False
-    quiet_log = _QuietProgress(desc, total_steps, steps_per_epoch, batch_size,
-                               enabled=not progress and jax.process_index() == 0, start_step=step)
-    while step < total_steps:
+    last_val = None
+    while step < total:
       batch = next(batches)
-      state, metrics = train_step(state, batch, t_vars)
+      state, metrics = train_step(state, batch, teacher_variables)
       step += 1
       pending.append(metrics)
-      bar.update(batch_size)
-      epoch_end = step % steps_per_epoch == 0
-      if step % log_every == 0 or epoch_end or step == total_steps:
-        host = jax.device_get(pending)
-        mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-        mean["epoch"] = step / steps_per_epoch
+      bar.update(spec.batch_size)
+      epoch_end = step % spe == 0
+      if step % spec.log_every_steps == 0 or epoch_end or step == total:
+        mean = _mean_checked(pending, step, desc, ckpt.directory)
+        mean["epoch"] = step / spe
         writer.write(step, mean, kind="train")
         bar.set_postfix(loss=f"{mean['loss']:.4f}", acc=f"{mean['accuracy']:.3f}", refresh=False)
-        quiet_log.update(step, mean, force=epoch_end or step == total_steps)
+        quiet_log.update(step, mean, force=epoch_end or step == total)
         pending = []
-      position = {"step": step, "epoch": step // steps_per_epoch, "seed": seed}
-      if preemption is not None and preemption.requested:
-        ckpt.save(state, position)
-        preempted = True
-        break
-      epoch = step // steps_per_epoch
-      if eval_split and ((epoch_end and epoch % eval_every == 0) or step == total_steps):
-        last_val = run_eval(eval_split)
-        writer.write(step, {"top1": last_val["top1"], "top5": last_val["top5"], "loss": last_val["loss"],
-                            "epoch": step / steps_per_epoch}, kind=f"eval_{eval_split}")
-        bar.write(f"{desc}: step {step} epoch {step / steps_per_epoch:.2f} {eval_split} top-1 "
-                  f"{last_val['top1']:.4f} top-5 {last_val['top5']:.4f}")
-        ckpt.save(state, position, metrics={"val_top1": last_val["top1"]})
-      elif epoch_end or step == total_steps:
-        ckpt.save(state, position)
-      elif ckpt_every and step % int(ckpt_every) == 0:
-        ckpt.save(state, position)
-    bar.close()
-    ckpt.wait_until_finished()
-    return FitResult(state=state, steps=step, preempted=preempted, val=last_val)
+      position = {"step": step, "epoch": step // spe, "seed": spec.seed}
+      if stop is not None and stop.requested:
+        ckpt.maybe_save(state, position, step=step, force=True)
+        raise StopRequested(stop.signum, f"during {desc} training at step {step}; "
+                            "checkpoint saved")
+      saved_metrics = None
+      if evaluate is not None and ((epoch_end and (step // spe) % spec.eval_every_epochs == 0)
+                                   or step == total):
+        last_val = _checked_val(evaluate(state.variables()), desc)
+        scalars = {k: last_val[k] for k in ("top1", "top5", "loss") if k in last_val}
+        writer.write(step, {**scalars, "epoch": step / spe}, kind=f"eval_{spec.eval_name}")
+        bar.write(f"{desc}: step {step} epoch {step / spe:.2f} {spec.eval_name} "
+                  + " ".join(f"{k.replace('top', 'top-')} {v:.4f}" for k, v in scalars.items()
+                             if k != "loss"))
+        saved_metrics = {f"val_{k}": v for k, v in scalars.items()}
+        if "num_examples" in last_val:
+          saved_metrics["val_num_examples"] = last_val["num_examples"]
+      ckpt.maybe_save(state, position, step=step, metrics=saved_metrics)
+    return result(last_val)
   finally:
+    if bar is not None:
+      bar.close()
     ckpt.close()
     if writer is not None:
       writer.close()

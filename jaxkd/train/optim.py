@@ -4,12 +4,22 @@ The recipes jaxkd reproduces were published with PyTorch optimizers, so the
 optax chains built here follow PyTorch's update rules exactly:
 
 - ``sgd``: ``torch.optim.SGD(momentum=0.9, weight_decay=5e-4, nesterov=False)``
-  (the DKD / mdistiller CIFAR recipe). PyTorch adds weight decay to the
-  gradient (L2): g <- g + wd * p; buf <- m * buf + g; p <- p - lr * buf.
-- ``adam``: ``torch.optim.Adam(weight_decay=1e-4)`` (seed 000). Again L2 added
-  to the gradient *before* the Adam moments: g <- g + wd * p, then Adam.
-- ``adamw``: ``torch.optim.AdamW`` (Loshchilov & Hutter, ICLR 2019): decoupled
-  decay, p <- p - lr * (adam_update + wd * p).
+  (the CIFAR recipe of Zhao, Cui, Song, Qiu, Liang, "Decoupled Knowledge
+  Distillation", CVPR 2022, and its code mdistiller). PyTorch adds weight
+  decay to the gradient (L2): g <- g + wd * p; buf <- m * buf + g;
+  p <- p - lr * buf.
+- ``adam``: ``torch.optim.Adam(weight_decay=1e-4)`` (the Food-101 recipe of "A
+  lightweight food image classification model based on knowledge distillation
+  and ECA attention", in Chinese). Again L2 added to the gradient *before* the
+  Adam moments: g <- g + wd * p, then Adam.
+- ``adamw``: ``torch.optim.AdamW`` (Loshchilov & Hutter, "Decoupled Weight
+  Decay Regularization", ICLR 2019): decoupled decay,
+  p <- p - lr * (adam_update + wd * p).
+
+Defaults: a key a config leaves out takes its default from jaxkd.config's
+schema (``<stage>.optimizer.*``: adam, learning rate 1e-3, weight decay 1e-4,
+schedule one_cycle, ...), the one table of defaults; so a recipe's values
+(such as SGD's 5e-4 above) are set in its config.
 
 Weight decay applies to every parameter by default, BatchNorm scales/biases and
 all other biases included, as PyTorch does when a model's ``parameters()`` go
@@ -22,7 +32,8 @@ optimizer updates already applied (PyTorch: the scheduler has been stepped
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +49,7 @@ __all__ = [
     "config_get",
 ]
 
-ScalarOrSchedule = Union[float, optax.Schedule]
+ScalarOrSchedule = float | optax.Schedule
 
 
 def config_get(config: Any, key: str, default: Any = None) -> Any:
@@ -53,6 +64,12 @@ def config_get(config: Any, key: str, default: Any = None) -> Any:
     except TypeError:
       pass
   return getattr(config, key, default)
+
+
+def _config_get(config: Any, key: str) -> Any:
+  """`config_get` of optimizer key `key`, defaulting to jaxkd.config's schema default."""
+  from jaxkd import config as schema  # ml_collections: not on accelerator hosts without configs
+  return config_get(config, key, schema.default(f"student.optimizer.{key}"))
 
 
 def _one_cycle_phases(total_steps: int, pct_start: float, three_phase: bool, start: float,
@@ -85,8 +102,8 @@ def _piecewise_anneal(phases: list[tuple[float, float, float]], anneal: str) -> 
   for (end_step, _, _), start_step in zip(phases, starts):
     if end_step == start_step:
       raise ValueError(
-          f"one-cycle phase boundaries {[p[0] for p in phases]} leave a phase of zero length; change "
-          "pct_start slightly (or the number of steps) so that no two boundaries coincide")
+          f"one-cycle phase boundaries {[p[0] for p in phases]} leave a phase of zero length; "
+          "change pct_start slightly (or the number of steps) so that no two boundaries coincide")
 
   def anneal_fn(v0, v1, rest):
     """Value at fraction pct = 1 - rest of the way from v0 to v1."""
@@ -120,7 +137,11 @@ def _piecewise_anneal(phases: list[tuple[float, float, float]], anneal: str) -> 
 def one_cycle(total_steps: int, max_lr: float, *, pct_start: float = 0.3, div_factor: float = 25.0,
               final_div_factor: float = 1e4, anneal: str = "cos",
               three_phase: bool = False) -> optax.Schedule:
-  """PyTorch's OneCycleLR learning rate (Smith & Topin 2017, "Super-convergence").
+  """PyTorch's OneCycleLR learning rate.
+
+  Smith & Topin, "Super-Convergence: Very Fast Training of Neural Networks Using
+  Large Learning Rates", SPIE Artificial Intelligence and Machine Learning for
+  Multi-Domain Operations Applications, 2019.
 
   initial_lr = max_lr / div_factor, min_lr = initial_lr / final_div_factor.
   Two phases (default): steps [0, pct_start*T - 1] anneal initial_lr -> max_lr,
@@ -165,7 +186,8 @@ def one_cycle_momentum(total_steps: int, *, base_momentum: float = 0.85, max_mom
                         max_momentum), anneal)
 
 
-def multistep(base_lr: float, boundaries_in_steps: Sequence[int], factor: float = 0.1) -> optax.Schedule:
+def multistep(base_lr: float, boundaries_in_steps: Sequence[int],
+              factor: float = 0.1) -> optax.Schedule:
   """Step decay (PyTorch MultiStepLR): lr(s) = base_lr * factor ** #{b in boundaries : s >= b}.
 
   mdistiller's CIFAR recipe decays x0.1 after epochs 150, 180, 210 (epochs
@@ -173,7 +195,8 @@ def multistep(base_lr: float, boundaries_in_steps: Sequence[int], factor: float 
   """
   bounds = [int(b) for b in boundaries_in_steps]
   if sorted(set(bounds)) != bounds:
-    raise ValueError(f"boundaries_in_steps must be strictly increasing, got {list(boundaries_in_steps)}")
+    raise ValueError("boundaries_in_steps must be strictly increasing, got "
+                     f"{list(boundaries_in_steps)}")
   if any(b < 0 for b in bounds):
     raise ValueError(f"boundaries_in_steps must be non-negative, got {bounds}")
   return optax.piecewise_constant_schedule(base_lr, {b: factor for b in bounds})
@@ -182,49 +205,52 @@ def multistep(base_lr: float, boundaries_in_steps: Sequence[int], factor: float 
 def make_schedule(config: Any, *, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
   """Learning-rate schedule from a config.
 
-  Fields: ``schedule`` ('constant' | 'one_cycle' | 'multistep' | 'cosine'),
-  ``learning_rate`` (base / max lr), for one_cycle ``pct_start`` (0.3),
+  Fields (missing ones take jaxkd.config's schema defaults, in parentheses):
+  ``schedule`` ('constant' | 'one_cycle' | 'multistep' | 'cosine'; 'one_cycle'),
+  ``learning_rate`` (base / max lr; 1e-3), for one_cycle ``pct_start`` (0.3),
   ``div_factor`` (25), ``final_div_factor`` (1e4), ``anneal`` ('cos'),
   ``three_phase`` (False); for multistep ``milestones`` (epochs, PyTorch
   MultiStepLR epochs) or ``milestone_steps`` and ``lr_decay`` (0.1); for cosine
   ``warmup_steps`` (0).
   """
-  kind = config_get(config, "schedule", "constant")
-  lr = float(config_get(config, "learning_rate", 1e-3))
+  kind = _config_get(config, "schedule")
+  lr = float(_config_get(config, "learning_rate"))
   if kind == "constant":
     return optax.constant_schedule(lr)
   if kind == "one_cycle":
-    return one_cycle(total_steps, lr, pct_start=config_get(config, "pct_start", 0.3),
-                     div_factor=config_get(config, "div_factor", 25.0),
-                     final_div_factor=config_get(config, "final_div_factor", 1e4),
-                     anneal=config_get(config, "anneal", "cos"),
-                     three_phase=config_get(config, "three_phase", False))
+    return one_cycle(total_steps, lr, pct_start=_config_get(config, "pct_start"),
+                     div_factor=_config_get(config, "div_factor"),
+                     final_div_factor=_config_get(config, "final_div_factor"),
+                     anneal=_config_get(config, "anneal"),
+                     three_phase=_config_get(config, "three_phase"))
   if kind == "multistep":
-    steps = config_get(config, "milestone_steps", None)
+    steps = _config_get(config, "milestone_steps")
     if steps is None:
-      steps = [int(e) * steps_per_epoch for e in config_get(config, "milestones", ())]
-    return multistep(lr, steps, config_get(config, "lr_decay", 0.1))
+      steps = [int(e) * steps_per_epoch for e in _config_get(config, "milestones")]
+    return multistep(lr, steps, _config_get(config, "lr_decay"))
   if kind == "cosine":
-    warmup = int(config_get(config, "warmup_steps", 0))
+    warmup = int(_config_get(config, "warmup_steps"))
     return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, warmup + 1))
-  raise ValueError(f"unknown schedule {kind!r}; use 'constant', 'one_cycle', 'multistep' or 'cosine'")
+  raise ValueError(f"unknown schedule {kind!r}; use 'constant', 'one_cycle', 'multistep' or "
+                   "'cosine'")
 
 
-def _decay_mask(decay_1d_params: bool) -> Optional[Callable[[Any], Any]]:
+def _decay_mask(decay_1d_params: bool) -> Callable[[Any], Any] | None:
   if decay_1d_params:
     return None
   return lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def make_optimizer(config: Any, learning_rate: Optional[ScalarOrSchedule] = None, *,
-                   momentum_schedule: Optional[optax.Schedule] = None) -> optax.GradientTransformation:
+def make_optimizer(config: Any, learning_rate: ScalarOrSchedule | None = None, *,
+                   momentum_schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
   """An optax optimizer following PyTorch's update rules (see module docstring).
 
-  Config fields (Mapping, ConfigDict or attributes):
-    optimizer: 'sgd' | 'adam' | 'adamw'.
-    learning_rate: float, used when the `learning_rate` argument is None
+  Config fields (Mapping, ConfigDict or attributes; a missing one takes its
+  default from jaxkd.config's schema, shown in parentheses):
+    optimizer: 'sgd' | 'adam' | 'adamw' ('adam').
+    learning_rate: float (1e-3), used when the `learning_rate` argument is None
       (pass a schedule from `make_schedule`/`one_cycle`/`multistep` instead).
-    weight_decay: default 5e-4 for sgd, 1e-4 for adam/adamw. 'sgd'/'adam': L2
+    weight_decay (1e-4; None also means the default): 'sgd'/'adam': L2
       added to the gradient (PyTorch weight_decay); 'adamw': decoupled.
     decay_1d_params: True (default, PyTorch) decays every parameter; False
       skips parameters with ndim <= 1 (biases, BatchNorm scale/bias).
@@ -236,14 +262,16 @@ def make_optimizer(config: Any, learning_rate: Optional[ScalarOrSchedule] = None
   `momentum_schedule` (e.g. `one_cycle_momentum`) replaces sgd's momentum or
   Adam's beta1 by a schedule, as OneCycleLR's cycle_momentum does in PyTorch.
   """
-  name = config_get(config, "optimizer", "sgd")
+  name = _config_get(config, "optimizer")
   if learning_rate is None:
-    learning_rate = float(config_get(config, "learning_rate", 1e-3))
-  default_wd = 5e-4 if name == "sgd" else 1e-4
-  wd = config_get(config, "weight_decay", None)
-  wd = default_wd if wd is None else float(wd)
-  mask = _decay_mask(bool(config_get(config, "decay_1d_params", True)))
-  clip = config_get(config, "grad_clip_norm", None)
+    learning_rate = float(_config_get(config, "learning_rate"))
+  wd = _config_get(config, "weight_decay")
+  if wd is None:
+    from jaxkd import config as schema
+    wd = schema.default("student.optimizer.weight_decay")
+  wd = float(wd)
+  mask = _decay_mask(bool(_config_get(config, "decay_1d_params")))
+  clip = _config_get(config, "grad_clip_norm")
 
   chain: list[optax.GradientTransformation] = []
   if clip is not None:
@@ -254,8 +282,8 @@ def make_optimizer(config: Any, learning_rate: Optional[ScalarOrSchedule] = None
   if name == "sgd":
     if wd:
       chain.append(optax.add_decayed_weights(wd, mask))
-    m = config_get(config, "momentum", 0.9)
-    nesterov = bool(config_get(config, "nesterov", False))
+    m = _config_get(config, "momentum")
+    nesterov = bool(_config_get(config, "nesterov"))
     if momentum_schedule is not None:
       chain.append(optax.inject_hyperparams(optax.trace, static_args=("nesterov",))(
           decay=momentum_schedule, nesterov=nesterov))
@@ -263,13 +291,14 @@ def make_optimizer(config: Any, learning_rate: Optional[ScalarOrSchedule] = None
       # optax.trace: t <- g + m * t, starting from 0, so the first step uses g, like torch's buffer.
       chain.append(optax.trace(decay=float(m), nesterov=nesterov))
   elif name in ("adam", "adamw"):
-    b1 = config_get(config, "b1", 0.9)
-    b2 = float(config_get(config, "b2", 0.999))
-    eps = float(config_get(config, "eps", 1e-8))
+    b1 = _config_get(config, "b1")
+    b2 = float(_config_get(config, "b2"))
+    eps = float(_config_get(config, "eps"))
     if name == "adam" and wd:
       chain.append(optax.add_decayed_weights(wd, mask))
     if momentum_schedule is not None:
-      chain.append(optax.inject_hyperparams(optax.scale_by_adam)(b1=momentum_schedule, b2=b2, eps=eps))
+      chain.append(optax.inject_hyperparams(optax.scale_by_adam)(b1=momentum_schedule, b2=b2,
+                                                                 eps=eps))
     else:
       # m_hat / (sqrt(v_hat) + eps): the same as torch.optim.Adam (eps outside the sqrt).
       chain.append(optax.scale_by_adam(b1=float(b1), b2=b2, eps=eps))
@@ -293,10 +322,10 @@ def build_optimizer(config: Any, *, total_steps: int,
   """
   schedule = make_schedule(config, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
   momentum_schedule = None
-  if config_get(config, "schedule", "constant") == "one_cycle" and config_get(config, "cycle_momentum", True):
+  if _config_get(config, "schedule") == "one_cycle" and _config_get(config, "cycle_momentum"):
     momentum_schedule = one_cycle_momentum(
-        total_steps, base_momentum=config_get(config, "base_momentum", 0.85),
-        max_momentum=config_get(config, "max_momentum", 0.95),
-        pct_start=config_get(config, "pct_start", 0.3), anneal=config_get(config, "anneal", "cos"),
-        three_phase=config_get(config, "three_phase", False))
+        total_steps, base_momentum=_config_get(config, "base_momentum"),
+        max_momentum=_config_get(config, "max_momentum"),
+        pct_start=_config_get(config, "pct_start"), anneal=_config_get(config, "anneal"),
+        three_phase=_config_get(config, "three_phase"))
   return make_optimizer(config, schedule, momentum_schedule=momentum_schedule), schedule

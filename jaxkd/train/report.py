@@ -1,28 +1,47 @@
-"""The experiment report: report.md / report.json (model, parameters, MACs, accuracy per split, as in
-the tables of the distillation papers) and plots (training curves, confusion matrices). It describes
-the run that happened: the title comes from the effective dataset, models and loss."""
+"""The experiment report: report.md / report.json (model, parameters, MACs, accuracy per split, as
+in the tables of the distillation papers; the val top-1 of the last and of the best checkpoint of
+each trained model, and which of the two was handed on) and plots (training curves, confusion
+matrices). It describes the run that happened: the title comes from the effective dataset, models
+and loss. Nothing is compiled: parameters and MACs are counted from shapes
+(`jaxkd.models.cost(..., xla=False)`), the curves read the stages' metrics.jsonl."""
 from __future__ import annotations
 
 import json
 import pathlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 from jaxkd import models
 from jaxkd.config import model_kwargs
 from jaxkd.train.step import LossConfig
-from jaxkd.train.loop import read_metrics
 
-__all__ = ["write_report", "describe_run", "reference_for_run", "plot_training_curves", "plot_confusion"]
+__all__ = ["write_report", "describe_run", "reference_for_run", "plot_training_curves",
+           "plot_confusion", "read_metrics", "SUMMARY_FIELDS"]
+
+# The evaluation numbers a report row keeps per split (besides per_class_accuracy), and a
+# training stage's marker of its last and best evaluation.
+SUMMARY_FIELDS = ("top1", "top5", "loss", "num_examples")
 
 
 def _pct(x) -> str:
   return "—" if x is None else f"{100 * x:.2f}"
 
 
+def read_metrics(stage_dir: pathlib.Path) -> list[dict]:
+  """The records of <stage_dir>/metrics.jsonl, one JSON object a line ({'kind': 'train' or
+  'eval_<split>', 'step', 'epoch', ...}, as jaxkd.train.loop's MetricsWriter writes them); an empty
+  list when the stage wrote none."""
+  path = pathlib.Path(stage_dir) / "metrics.jsonl"
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def plot_training_curves(workdir: pathlib.Path, roles: list[str], path: pathlib.Path) -> bool:
-  """Train loss, train accuracy and val top-1 per epoch for each trained role; False if nothing to plot."""
+  """Train loss, train accuracy and val top-1 per epoch for each trained role; False if nothing to
+  plot."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -39,7 +58,8 @@ def plot_training_curves(workdir: pathlib.Path, roles: list[str], path: pathlib.
       axes[0].plot([r["epoch"] for r in train], [r["loss"] for r in train], label=role)
       axes[1].plot([r["epoch"] for r in train], [100 * r["accuracy"] for r in train], label=role)
     if evals:
-      axes[2].plot([r["epoch"] for r in evals], [100 * r["top1"] for r in evals], marker="o", label=role)
+      axes[2].plot([r["epoch"] for r in evals], [100 * r["top1"] for r in evals], marker="o",
+                   label=role)
   for ax, title in zip(axes, ["train loss", "train accuracy (%)", "val top-1 (%)"]):
     ax.set_title(title)
     ax.set_xlabel("epoch")
@@ -94,7 +114,8 @@ def _loss_text(config) -> str:
 
 
 def describe_run(config, source) -> str:
-  """The report's title, from what actually ran: dataset, models and loss (not the config's name)."""
+  """The report's title, from what actually ran: dataset, models and loss (not the config's
+  name)."""
   data = f"{source.name} ({source.num_classes} classes)"
   teacher = config.teacher.model if config.teacher.enabled else None
   student = config.student.model if config.student.enabled else None
@@ -108,11 +129,13 @@ def describe_run(config, source) -> str:
 
 
 def reference_for_run(config, source) -> tuple[dict, str]:
-  """(the config's published reference, '') when it refers to this run, else ({}, why it is not shown).
+  """(the config's published reference, '') when it refers to this run, else ({}, why it is not
+  shown).
 
   A reference says what it refers to in `applies_to`: any of dataset (a name or a list of names),
-  num_classes, teacher, student, loss (the loss kind), perception, image_size. Every given field must match the
-  effective run; a reference without `applies_to` is never shown, as it cannot be checked.
+  num_classes, teacher, student, loss (the loss kind), perception, image_size. Every given field
+  must match the effective run; a reference without `applies_to` is never shown, as it cannot be
+  checked.
   """
   ref = dict(config.report.get("reference", {}) or {}) if "report" in config else {}
   if not ref:
@@ -123,7 +146,8 @@ def reference_for_run(config, source) -> tuple[dict, str]:
   actual = {"dataset": source.name, "num_classes": source.num_classes,
             "teacher": config.teacher.model if config.teacher.enabled else None,
             "student": config.student.model if config.student.enabled else None,
-            "loss": str(config.student.loss.kind), "perception": bool(config.student.loss.get("perception")),
+            "loss": str(config.student.loss.kind),
+            "perception": bool(config.student.loss.get("perception")),
             "image_size": int(config.augment.image_size)}
   for key, want in applies.items():
     wanted = list(want) if isinstance(want, (list, tuple)) else [want]
@@ -132,13 +156,37 @@ def reference_for_run(config, source) -> tuple[dict, str]:
   return ref, ""
 
 
+def _training(info: Mapping[str, Any] | None) -> dict | None:
+  """The val top-1 of the last and of the best checkpoint of a training stage (its stage marker),
+  and which of the two it handed on; None for a stage that did not train."""
+  if not info or not info.get("steps"):
+    return None
+  keep = ("top1", "top5")
+  last, best = info.get("val"), info.get("best_val")
+  return {"steps": int(info["steps"]), "handoff": info.get("handoff", "last"),
+          "last_val": None if last is None else {"step": int(info["steps"]),
+                                                 **{k: last[k] for k in keep}},
+          "best_val": None if best is None else {"step": info.get("best_step"),
+                                                 **{k: best[k] for k in keep}}}
+
+
+def _training_text(role: str, t: dict) -> str:
+  def one(v):
+    return "—" if v is None else f"{_pct(v['top1'])} (step {v['step']})"
+  return (f"{role}: last {one(t['last_val'])}, best {one(t['best_val'])}; handed on: "
+          f"{'the best checkpoint' if t['handoff'] == 'best' else 'the last step'}")
+
+
 def write_report(config, workdir: pathlib.Path, *, source, results: Mapping[tuple[str, str], dict],
-                 splits=None, data_splits=None) -> dict:
+                 splits=None, data_splits=None,
+                 training: Mapping[str, Mapping[str, Any]] | None = None) -> dict:
   """Writes report.json, report.md and plots/ into `workdir`; returns the report dict.
 
   `splits`: the evaluated splits in order (default config.evaluate.splits); a split the data does
   not have (an image folder without test/) is said so in the report. `data_splits`: the splits the
-  data has (default train, val, test), for the image counts.
+  data has (default train, val, test), for the image counts. `training`: per role, what its
+  training stage recorded (its stage marker: steps, val, best_val, best_step, handoff); the row of
+  a trained role gets `training` = {steps, handoff, last_val, best_val} ({step, top1, top5} each).
   """
   workdir = pathlib.Path(workdir)
   plots = workdir / "plots"
@@ -147,20 +195,25 @@ def write_report(config, workdir: pathlib.Path, *, source, results: Mapping[tupl
   splits = list(splits if splits is not None else config.evaluate.splits)
   absent = [s for s in config.evaluate.splits if s not in splits]
   roles = [r for r in ("teacher", "student") if any(k[0] == r for k in results)]
+  training = dict(training or {})
   rows = []
   for role in roles:
     stage = config[role]
     kwargs = model_kwargs(stage)
-    cost = models.cost(stage.model, image_size=image_size, num_classes=source.num_classes, **kwargs)
-    row = {"role": role, "model": stage.model, "model_kwargs": kwargs, "params": int(cost["params"]),
-           "macs": float(cost["macs"]), "image_size": image_size}
+    cost = models.cost(stage.model, image_size=image_size, num_classes=source.num_classes,
+                       xla=False, **kwargs)
+    row = {"role": role, "model": stage.model, "model_kwargs": kwargs,
+           "params": int(cost["params"]), "macs": float(cost["macs"]), "image_size": image_size}
     if role == "student":
       row["loss"] = stage.loss.to_dict()
     for split in splits:
       res = results.get((role, split))
       if res is not None:
-        row[split] = {k: res[k] for k in ("top1", "top5", "loss", "num_examples")}
+        row[split] = {k: res[k] for k in SUMMARY_FIELDS}
         row[split]["per_class_accuracy"] = res["per_class_accuracy"]
+    trained = _training(training.get(role))
+    if trained is not None:
+      row["training"] = trained
     rows.append(row)
 
   data_splits = [s for s in (data_splits or ("train", "val", "test")) if s not in absent]
@@ -170,8 +223,9 @@ def write_report(config, workdir: pathlib.Path, *, source, results: Mapping[tupl
   title = describe_run(config, source)
   reference, why_not = reference_for_run(config, source)
   report = {"title": title, "config_name": config.get("name", ""),
-            "dataset": {"name": source.name, "version": source.version, "num_classes": source.num_classes,
-                        "splits": counts, "absent_splits": absent, "skipped_images": skipped,
+            "dataset": {"name": source.name, "version": source.version,
+                        "num_classes": source.num_classes, "splits": counts,
+                        "absent_splits": absent, "skipped_images": skipped,
                         "converted_images": converted},
             "models": rows, "reference": reference}
   if why_not:
@@ -180,38 +234,44 @@ def write_report(config, workdir: pathlib.Path, *, source, results: Mapping[tupl
 
   count_text = " / ".join(f"{s} {n}" for s, n in counts.items())
   lines = [f"# {title}", "",
-           f"Data: {source.name} {source.version}, {source.num_classes} classes; {count_text} images; "
-           f"{image_size} px."]
+           f"Data: {source.name} {source.version}, {source.num_classes} classes; {count_text} "
+           f"images; {image_size} px."]
   if absent:
-    lines += ["", f"The data has no {' / '.join(absent)} split (no test/ folder): the results below are on "
-              f"{' / '.join(splits)}, images held out from training."]
+    lines += ["", f"The data has no {' / '.join(absent)} split (no test/ folder): the results "
+              f"below are on {' / '.join(splits)}, images held out from training."]
   if skipped:
     shown = ", ".join(f"{p} ({why})" for p, why in skipped[:20])
     more = f", and {len(skipped) - 20} more (report.json lists all)" if len(skipped) > 20 else ""
     lines += ["", f"{len(skipped)} image(s) could not be decoded and were left out "
               f"(data.skip_bad_images): {shown}{more}."]
   if converted:
-    lines += ["", f"{len(converted)} image(s) in a format TensorFlow cannot decode were converted to PNG "
-              "when the dataset was built (report.json lists them)."]
+    lines += ["", f"{len(converted)} image(s) in a format TensorFlow cannot decode were converted "
+              "to PNG when the dataset was built (report.json lists them)."]
   lines += ["",
-            "| model | role | parameters | MACs | " + " | ".join(f"{s} top-1 (%) | {s} top-5 (%)" for s in splits)
-            + " |",
+            "| model | role | parameters | MACs | "
+            + " | ".join(f"{s} top-1 (%) | {s} top-5 (%)" for s in splits) + " |",
             "|---|---|---:|---:|" + "---:|---:|" * len(splits)]
   for row in rows:
-    accs = " | ".join(f"{_pct(row.get(s, {}).get('top1'))} | {_pct(row.get(s, {}).get('top5'))}" for s in splits)
-    lines.append(f"| {row['model']} | {row['role']} | {row['params'] / 1e6:.2f} M | {row['macs'] / 1e9:.3f} G | "
-                 f"{accs} |")
+    accs = " | ".join(f"{_pct(row.get(s, {}).get('top1'))} | {_pct(row.get(s, {}).get('top5'))}"
+                      for s in splits)
+    lines.append(f"| {row['model']} | {row['role']} | {row['params'] / 1e6:.2f} M | "
+                 f"{row['macs'] / 1e9:.3f} G | {accs} |")
+  trained = [(row["role"], row["training"]) for row in rows if "training" in row]
+  if trained:
+    lines += ["", "Val top-1 (%) during training, at the last step and at the best checkpoint:",
+              ""] + [f"- {_training_text(role, t)}" for role, t in trained]
   if reference:
     lines += ["", "Published reference (" + str(reference.get("source", "")) + "): " +
-              ", ".join(f"{k} {v}" for k, v in reference.items() if k not in ("source", "applies_to")) + "."]
+              ", ".join(f"{k} {v}" for k, v in reference.items()
+                        if k not in ("source", "applies_to")) + "."]
   if plot_training_curves(workdir, roles, plots / "training_curves.png"):
     lines += ["", "![training curves](plots/training_curves.png)"]
   for role in roles:
     res = results.get((role, splits[-1]))
     if res is not None:
       name = f"confusion_{role}_{splits[-1]}.png"
-      plot_confusion(res["confusion"], list(source.class_names), f"{role} ({config[role].model}), {splits[-1]}",
-                     plots / name)
+      plot_confusion(res["confusion"], list(source.class_names),
+                     f"{role} ({config[role].model}), {splits[-1]}", plots / name)
       lines += ["", f"![{role} confusion matrix](plots/{name})"]
   # Per-class accuracy of the last split, side by side.
   last = splits[-1]

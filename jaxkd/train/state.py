@@ -8,16 +8,19 @@ layout) so Orbax saves and restores it like any other array.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-__all__ = ["TrainState", "create_train_state", "replicate", "state_sharding", "abstract_state"]
+__all__ = ["TrainState", "create_train_state", "with_variables", "replicate", "state_sharding",
+           "abstract_state"]
 
 PyTree = Any
 
@@ -60,7 +63,7 @@ def _raw_key(rng: jax.Array) -> jax.Array:
 
 def create_train_state(model: flax.linen.Module, rng: jax.Array, input_shape: Sequence[int],
                        tx: optax.GradientTransformation, *,
-                       mesh: Optional[Mesh] = None) -> TrainState:
+                       mesh: Mesh | None = None) -> TrainState:
   """Initialises `model` on zeros of `input_shape` (e.g. (1, 32, 32, 3)) and `tx` on its params.
 
   `rng` (a raw or typed key) is split into the parameter-init key, the dropout
@@ -89,6 +92,19 @@ def create_train_state(model: flax.linen.Module, rng: jax.Array, input_shape: Se
   return state
 
 
+def with_variables(state: TrainState, variables: Mapping[str, PyTree],
+                   tx: optax.GradientTransformation) -> TrainState:
+  """`state` with the model `variables` instead of its own (e.g. pretrained weights).
+
+  'params' and 'batch_stats' (if any) are cast to float32, the optimizer state is
+  initialised afresh on the new parameters (`tx.init`), the step and the RNG key are
+  kept. Call it before `replicate`, like `create_train_state` without a mesh.
+  """
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), variables["params"])
+  stats = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), variables.get("batch_stats", {}))
+  return state.replace(params=params, batch_stats=stats, opt_state=tx.init(params))
+
+
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
   """Places every leaf of `tree` fully replicated over `mesh`."""
   return jax.device_put(tree, NamedSharding(mesh, P()))
@@ -99,7 +115,7 @@ def state_sharding(mesh: Mesh, state: PyTree) -> PyTree:
   return jax.tree.map(lambda _: NamedSharding(mesh, P()), state)
 
 
-def abstract_state(state: PyTree, mesh: Optional[Mesh] = None) -> PyTree:
+def abstract_state(state: PyTree, mesh: Mesh | None = None) -> PyTree:
   """jax.ShapeDtypeStruct leaves carrying shardings: the restore target for Orbax.
 
   With `mesh`, every leaf is replicated on it; without, each leaf keeps the

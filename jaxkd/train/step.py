@@ -19,11 +19,17 @@ Loss (`LossConfig`, all weights/temperatures may be floats or schedules
         + kd_weight * warmup(step) * D(z_s', z_t')          (kind != 'ce')
         + sum_f weight_f * F_f(features_s, features_t)      (optional)
 
-with D = KD (Hinton 2015; REFERENCE 4) for 'kd'/'lskd' or DKD (Zhao et al.
-2022) for 'dkd'; z' = z, or logit_standardize(z) (Sun et al. 2024, kind
-'lskd' or standardize=True), or perception_reconstruct(z) over the global
-batch (seed 004, perception=True). The seed-000 form L = (1-a) CE + a KD is
-kd_alpha=a (sets ce_weight = 1-a, kd_weight = a).
+with D = KD (Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural
+Network", NIPS Deep Learning Workshop 2015) for 'kd'/'lskd' or DKD (Zhao,
+Cui, Song, Qiu, Liang, "Decoupled Knowledge Distillation", CVPR 2022) for
+'dkd'; z' = z, or logit_standardize(z) (Sun, Ren, Li, Wang, Cao, "Logit
+Standardization in Knowledge Distillation", CVPR 2024; kind 'lskd' or
+standardize=True), or perception_reconstruct(z) over the global batch (Zhu &
+Zhu, "Decoupled knowledge distillation based on perception reconstruction",
+Computer Systems & Applications 2025, in Chinese; perception=True). The form
+L = (1-a) CE + a KD of the Food-101 recipe ("A lightweight food image
+classification model based on knowledge distillation and ECA attention", in
+Chinese) is kd_alpha=a (sets ce_weight = 1-a, kd_weight = a).
 
 Padding: rows with batch['weight'] == 0 are excluded from every loss, metric
 and the perception statistics, but training-mode BatchNorm statistics *do*
@@ -82,15 +88,18 @@ weight lam, plus 'soft_label' q = lam onehot(y_i) + (1 - lam) onehot(y_j),
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from jaxkd import losses
+from jaxkd import losses, schedules
 from jaxkd.train.optim import config_get
 from jaxkd.train.state import TrainState
 
@@ -99,13 +108,14 @@ __all__ = [
     "LossConfig",
     "make_train_step",
     "make_eval_step",
+    "make_logits_fn",
     "data_mesh",
     "batch_sharding",
     "TRAIN_BATCH_KEYS",
     "check_mixing_supported",
 ]
 
-HParam = Union[float, Callable[[jax.Array], jax.Array]]
+HParam = float | Callable[[jax.Array], jax.Array]
 PyTree = Any
 
 TRAIN_BATCH_KEYS = ("image", "label", "weight", "teacher_logits", "soft_label", "mix_lambda",
@@ -117,16 +127,18 @@ HPARAM_NAMES = ("ce_weight", "kd_weight", "kd_alpha", "temperature", "alpha", "b
 
 @dataclasses.dataclass(frozen=True)
 class FeatureLoss:
-  """A feature-distillation term on `features[student_key]` vs the teacher's `features[teacher_key]`.
+  """A feature-distillation term: `features[student_key]` vs the teacher's `features[teacher_key]`.
 
-  kind: 'at' (attention transfer, Zagoruyko & Komodakis 2017), 'mmd' (Gretton
-    et al. 2012) or 'hint' (FitNets MSE; only for features of identical shapes,
-    since there is no learned regressor here).
+  kind: 'at' (attention transfer: Zagoruyko & Komodakis, "Paying More Attention
+    to Attention", ICLR 2017), 'mmd' (maximum mean discrepancy: Gretton, Borgwardt,
+    Rasch, Schoelkopf, Smola, "A Kernel Two-Sample Test", JMLR 2012) or 'hint'
+    (FitNets' MSE: Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015;
+    only for features of identical shapes, since there is no learned regressor here).
   weight: float or schedule (e.g. 1000 for AT as in the AT paper's code).
   """
   kind: str
   student_key: str
-  teacher_key: Optional[str] = None
+  teacher_key: str | None = None
   weight: HParam = 1.0
 
   def __post_init__(self):
@@ -147,13 +159,16 @@ class LossConfig:
   ce_weight, kd_weight: term weights (mdistiller KD: 0.1 / 0.9; DKD: 1.0 / 1.0;
     LS-KD: 0.1 / 9).
   kd_alpha: if set, overrides both: ce_weight = 1 - kd_alpha, kd_weight = kd_alpha
-    (REFERENCE 1.4; seed 000). Ignored for kind 'ce' (plain CE, weight ce_weight), so a
-    KD config turned into its CE baseline by `kind='ce'` trains with the full CE.
+    (the Food-101 recipe's form, see the module docstring). Ignored for kind 'ce'
+    (plain CE, weight ce_weight), so a KD config turned into its CE baseline by
+    `kind='ce'` trains with the full CE.
   temperature: T of KD/DKD (KD/DKD CIFAR 4, LS-KD 2, ImageNet DKD 1).
   alpha, beta: DKD's TCKD and NCKD weights (1, 8).
-  warmup: multiplies the distillation term: an int number of steps for the
-    linear min(step / warmup, 1) (0 = off), or a schedule (e.g.
-    jaxkd.schedules.dkd_warmup(20 * steps_per_epoch), mdistiller's DKD warm-up).
+  warmup: multiplies the distillation term: an int number of steps for DKD's
+    linear min(step / warmup, 1) (`jaxkd.schedules.dkd_warmup`; 0 = off), or
+    any schedule `step -> weight`. The config key `warmup_epochs` (> 0) replaces
+    it by round(warmup_epochs * steps_per_epoch) steps (at least 1): see
+    `from_config`.
   perception: apply perception reconstruction to student and teacher logits
     before the distillation loss (statistics over the global batch, padding
     excluded); perception_eps its epsilon.
@@ -165,11 +180,11 @@ class LossConfig:
   label_smoothing: float = 0.0
   ce_weight: HParam = 1.0
   kd_weight: HParam = 1.0
-  kd_alpha: Optional[HParam] = None
+  kd_alpha: HParam | None = None
   temperature: HParam = 4.0
   alpha: HParam = 1.0
   beta: HParam = 8.0
-  warmup: Union[int, Callable[[jax.Array], jax.Array]] = 0
+  warmup: int | Callable[[jax.Array], jax.Array] = 0
   perception: bool = False
   perception_eps: float = 1e-6
   standardize: bool = False
@@ -200,8 +215,16 @@ class LossConfig:
     return self.distills or bool(self.feature_losses)
 
   @classmethod
-  def from_config(cls, config: Any) -> "LossConfig":
-    """From a Mapping / ConfigDict / object with the field names above (missing ones default)."""
+  def from_config(cls, config: Any, *, steps_per_epoch: int | None = None) -> LossConfig:
+    """From a Mapping / ConfigDict / object with the field names above (missing ones default).
+
+    The config key `warmup_epochs` (> 0) is DKD's warm-up in epochs: with
+    `steps_per_epoch` it replaces `warmup` by max(round(warmup_epochs *
+    steps_per_epoch), 1) steps. Training must pass `steps_per_epoch`;
+    without it the warm-up stays `warmup` (enough for questions that do not
+    depend on it, such as `kind` or `needs_teacher`), and `make_train_step`
+    refuses such a config given as a mapping.
+    """
     if isinstance(config, LossConfig):
       return config
     kwargs = {}
@@ -211,7 +234,15 @@ class LossConfig:
         kwargs[field.name] = value
     if "feature_losses" in kwargs:
       kwargs["feature_losses"] = tuple(kwargs["feature_losses"] or ())
+    warmup_epochs = _warmup_epochs(config)
+    if warmup_epochs and steps_per_epoch is not None:
+      kwargs["warmup"] = max(int(round(warmup_epochs * steps_per_epoch)), 1)
     return cls(**kwargs)
+
+
+def _warmup_epochs(config: Any) -> float:
+  """The config's `warmup_epochs` (0.0 when absent or None)."""
+  return float(config_get(config, "warmup_epochs", 0.0) or 0.0)
 
 
 def _value(h: Any, step: jax.Array) -> jax.Array:
@@ -221,15 +252,7 @@ def _value(h: Any, step: jax.Array) -> jax.Array:
   return jnp.asarray(h, jnp.float32)
 
 
-def _warmup_value(w: Any, step: jax.Array) -> jax.Array:
-  if callable(w):
-    return jnp.asarray(w(step), jnp.float32)
-  if not w:
-    return jnp.ones((), jnp.float32)
-  return jnp.minimum(step.astype(jnp.float32) / float(w), 1.0)
-
-
-def data_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A 1-D Mesh with axis 'data' over `devices` (default: all devices).
 
   The axis is AxisType.Auto (the compiler propagates shardings), which is what
@@ -242,7 +265,10 @@ def data_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) axis split over 'data'; use with jax.device_put / make_array_from_process_local_data."""
+  """Leading (batch) axis split over 'data'.
+
+  Use with jax.device_put / jax.make_array_from_process_local_data.
+  """
   return NamedSharding(mesh, P("data"))
 
 
@@ -303,8 +329,8 @@ def _apply_with_features(model: nn.Module, variables, images, *, train: bool, fe
 
 
 def make_train_step(model: nn.Module, loss_config: Any, tx: optax.GradientTransformation,
-                    mesh: Mesh, *, teacher_model: Optional[nn.Module] = None,
-                    learning_rate_fn: Optional[Callable[[jax.Array], jax.Array]] = None,
+                    mesh: Mesh, *, teacher_model: nn.Module | None = None,
+                    learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None,
                     donate: bool = True) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
   """Builds `train_step(state, batch, teacher_variables=None, hparams=None) -> (state, metrics)`.
 
@@ -340,16 +366,23 @@ def make_train_step(model: nn.Module, loss_config: Any, tx: optax.GradientTransf
   (if learning_rate_fn), temperature / kd_weight_eff (when distilling),
   grad_norm, num_examples.
   """
+  if not isinstance(loss_config, LossConfig) and _warmup_epochs(loss_config):
+    raise ValueError(
+        f"loss config has warmup_epochs={_warmup_epochs(loss_config)}, which needs the number of "
+        "steps per epoch: pass LossConfig.from_config(config, steps_per_epoch=...) as loss_config")
   cfg = LossConfig.from_config(loss_config)
   if "data" not in mesh.axis_names:
     raise ValueError(f"mesh must have a 'data' axis, got axes {mesh.axis_names}")
+  # The warm-up weight: an int number of steps is DKD's linear warm-up, written once in
+  # jaxkd.schedules.
+  warmup = cfg.warmup if callable(cfg.warmup) else schedules.dkd_warmup(cfg.warmup)
   if cfg.feature_losses and teacher_model is None:
-    raise ValueError("feature losses need an online teacher: pass teacher_model (and teacher_variables "
-                     "to each call)")
+    raise ValueError("feature losses need an online teacher: pass teacher_model (and "
+                     "teacher_variables to each call)")
   need_feats = bool(cfg.feature_losses)
 
-  def step_fn(state: TrainState, batch: dict, teacher_variables: Optional[PyTree],
-              hparams: Optional[dict]) -> tuple[TrainState, dict]:
+  def step_fn(state: TrainState, batch: dict, teacher_variables: PyTree | None,
+              hparams: dict | None) -> tuple[TrainState, dict]:
     step = state.step
     hp = dict(hparams or {})
     unknown = set(hp) - set(HPARAM_NAMES)
@@ -360,7 +393,7 @@ def make_train_step(model: nn.Module, loss_config: Any, tx: optax.GradientTransf
       if name in hp:
         return jnp.asarray(hp[name], jnp.float32)
       if name == "warmup":
-        return _warmup_value(cfg.warmup, step)
+        return _value(warmup, step)
       return _value(getattr(cfg, name), step)
 
     images = batch["image"]
@@ -394,8 +427,8 @@ def make_train_step(model: nn.Module, loss_config: Any, tx: optax.GradientTransf
           t_partner = jax.lax.stop_gradient(batch["mix_teacher_logits"].astype(jnp.float32))
           t_lambda = batch["mix_lambda"].astype(jnp.float32)
       else:
-        raise ValueError(f"loss kind {cfg.kind!r} needs teacher logits: put 'teacher_logits' in the "
-                         "batch or pass teacher_model to make_train_step")
+        raise ValueError(f"loss kind {cfg.kind!r} needs teacher logits: put 'teacher_logits' "
+                         "in the batch or pass teacher_model to make_train_step")
 
     if cfg.distills and (cfg.kd_alpha is not None or "kd_alpha" in hp):
       a = get("kd_alpha")
@@ -493,8 +526,9 @@ def make_train_step(model: nn.Module, loss_config: Any, tx: optax.GradientTransf
                    out_shardings=(replicated, replicated),
                    donate_argnums=(0,) if donate else ())
 
-  def train_step(state: TrainState, batch: Mapping[str, Any], teacher_variables: Optional[PyTree] = None,
-                 hparams: Optional[Mapping[str, Any]] = None) -> tuple[TrainState, dict]:
+  def train_step(state: TrainState, batch: Mapping[str, Any],
+                 teacher_variables: PyTree | None = None,
+                 hparams: Mapping[str, Any] | None = None) -> tuple[TrainState, dict]:
     arrays = {k: batch[k] for k in TRAIN_BATCH_KEYS if k in batch}
     hp = None if not hparams else {k: jnp.asarray(v, jnp.float32) for k, v in hparams.items()}
     return jitted(state, arrays, teacher_variables, hp)
@@ -505,7 +539,9 @@ def make_train_step(model: nn.Module, loss_config: Any, tx: optax.GradientTransf
 
 
 def make_eval_step(model: nn.Module, mesh: Mesh) -> Callable[..., dict[str, jax.Array]]:
-  """Builds `eval_step(state_or_variables, batch) -> per-example outputs` (eval mode, BN running stats).
+  """Builds `eval_step(state_or_variables, batch) -> per-example outputs` (eval mode).
+
+  BatchNorm uses its running statistics.
 
   `state_or_variables`: a TrainState, or a variables dict ({'params', 'batch_stats'}),
   e.g. a teacher's. `batch`: 'image', 'label' int32 [B], optional 'weight'.
@@ -549,3 +585,48 @@ def make_eval_step(model: nn.Module, mesh: Mesh) -> Callable[..., dict[str, jax.
 
   eval_step.jitted = jitted
   return eval_step
+
+
+def make_logits_fn(model: nn.Module, mesh: Mesh) -> Callable[[PyTree, Any], jax.Array]:
+  """Builds `logits_fn(variables, images) -> float32 logits [B, C]` (eval mode, no labels).
+
+  `variables`: the model's variables dict (or a TrainState), replicated on `mesh`
+  (`jaxkd.train.state.replicate`; anything else is copied there on every call).
+  `images`: host numpy [B, H, W, 3] (this process's rows; they are put on the
+  mesh, split along 'data', as `jax.make_array_from_process_local_data` does),
+  or a jax.Array already sharded that way. A single process pads B up to a
+  multiple of the mesh's 'data' size with zero images and drops their rows
+  from the result; with several processes the global batch must divide.
+  The logits come back as a jax.Array split along 'data' (`np.asarray` gathers
+  them); e.g. the teacher's logits for the teacher-logit store.
+  """
+  if "data" not in mesh.axis_names:
+    raise ValueError(f"mesh must have a 'data' axis, got axes {mesh.axis_names}")
+  replicated = NamedSharding(mesh, P())
+  sharded = batch_sharding(mesh)
+  num_shards = mesh.shape["data"]
+
+  def logits_of(variables: PyTree, images: jax.Array) -> jax.Array:
+    return model.apply(variables, images, train=False).astype(jnp.float32)
+
+  jitted = jax.jit(logits_of, in_shardings=(replicated, sharded), out_shardings=sharded)
+
+  def logits_fn(variables: PyTree, images: Any) -> jax.Array:
+    if isinstance(variables, TrainState):
+      variables = variables.variables()
+    if isinstance(images, jax.Array) and images.sharding.is_equivalent_to(sharded, images.ndim):
+      return jitted(variables, images)
+    images = np.asarray(images)
+    rows = images.shape[0]
+    pad = (-rows * jax.process_count()) % num_shards
+    if pad and jax.process_count() > 1:
+      raise ValueError(f"{rows * jax.process_count()} images in total over "
+                       f"{jax.process_count()} processes do not divide over the {num_shards} "
+                       "devices of mesh axis 'data'; pad the batch")
+    if pad:
+      images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
+    logits = jitted(variables, jax.make_array_from_process_local_data(sharded, images))
+    return logits[:rows] if pad else logits
+
+  logits_fn.jitted = jitted
+  return logits_fn

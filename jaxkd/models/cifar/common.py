@@ -3,43 +3,27 @@
 PyTorch conventions are kept so that a converted checkpoint gives the same
 function: symmetric zero padding, channels in the same order (channel shuffle
 and split act on the last axis exactly as PyTorch's act on axis 1), BatchNorm
-eps 1e-5 and PyTorch momentum 0.1 (Flax momentum 0.9).
+eps 1e-5 and PyTorch momentum 0.1 (Flax momentum 0.9). The initialisers are
+those of `jaxkd.models.layers`.
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-# PyTorch's default nn.Conv2d / nn.Linear weight init, kaiming_uniform_(a=sqrt(5)):
-# U(-b, b) with b = sqrt(1 / fan_in)  (variance scaling 1/3, uniform, fan_in).
-torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-
-# mdistiller's VGG/MobileNetV2 classifier init: N(0, 0.01^2), bias 0.
-linear_normal_001_init = nn.initializers.normal(stddev=0.01)
-
-
-def torch_default_bias_init(fan_in: int) -> Callable[..., jax.Array]:
-  """PyTorch's default bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-  if fan_in < 1:
-    raise ValueError(f"fan_in must be >= 1, got {fan_in}")
-  bound = 1.0 / math.sqrt(fan_in)
-
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-  return init
+from jaxkd.models.layers import torch_uniform_init
 
 
 def global_avg_pool(x: jax.Array) -> jax.Array:
   """Mean over the spatial axes of NHWC `x` -> [B, C].
 
-  At 32x32 input this equals each reference's fixed-size pooling (AvgPool2d(8)
-  for ResNet/WRN, avg_pool2d(4) for ShuffleNets, AvgPool2d(2) for MobileNetV2,
-  AdaptiveAvgPool2d(1) for VGG), all of which cover the whole final map.
+  At 32x32 input this equals each original definition's fixed-size pooling
+  (AvgPool2d(8) for ResNet/WRN, avg_pool2d(4) for ShuffleNets, AvgPool2d(2) for
+  MobileNetV2, AdaptiveAvgPool2d(1) for VGG), all of which cover the whole final map.
   """
   return jnp.mean(x, axis=(1, 2))
 
@@ -55,14 +39,15 @@ def classifier_head(x: jax.Array, features: dict, *, num_classes: int, dtype: An
   """
   embedding = global_avg_pool(x)
   features["embedding"] = embedding
-  bias_init = torch_default_bias_init(x.shape[-1]) if torch_default_bias else nn.initializers.zeros
+  bias_init = torch_uniform_init(x.shape[-1]) if torch_default_bias else nn.initializers.zeros
   logits = nn.Dense(num_classes, dtype=dtype, param_dtype=jnp.float32, kernel_init=kernel_init,
                     bias_init=bias_init, name=name)(embedding).astype(jnp.float32)
   return (logits, features) if return_features else logits
 
 
 def channel_shuffle(x: jax.Array, groups: int) -> jax.Array:
-  """ShuffleNet channel shuffle (Zhang et al. 2018) on the last axis of NHWC `x`.
+  """ShuffleNet channel shuffle (Zhang, Zhou, Lin and Sun, "ShuffleNet: An Extremely Efficient
+  Convolutional Neural Network for Mobile Devices", CVPR 2018) on the last axis of NHWC `x`.
 
   Channel c = g * (C/groups) + j moves to position j * groups + g, i.e.
   reshape to [groups, C/groups], transpose, flatten: the same permutation

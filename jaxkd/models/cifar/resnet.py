@@ -1,4 +1,5 @@
-"""CIFAR ResNets (He et al., "Deep Residual Learning", CVPR 2016, Sec. 4.2) as in CRD/mdistiller.
+"""CIFAR ResNets (He, Zhang, Ren and Sun, "Deep Residual Learning for Image Recognition",
+CVPR 2016, Sec. 4.2) as in CRD/mdistiller.
 
 Depth 6n + 2: a 3x3 stem conv (widths[0] channels), three stages of n basic
 blocks with widths[1..3] channels at 32, 16, 8 pixels (the first block of
@@ -14,35 +15,40 @@ Features: `stage1..stage3` are the post-ReLU outputs of the three stages
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import functools
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxkd.models.cifar.common import classifier_head, torch_default_kernel_init
-from jaxkd.models.layers import batch_norm, conv
+from jaxkd.models import layers
+from jaxkd.models.cifar.common import classifier_head
+from jaxkd.models.layers import ModuleDef
 from jaxkd.models.registry import register
 
 
 class BasicBlock(nn.Module):
-  """y = relu(BN(conv3x3(relu(BN(conv3x3_s(x))))) + shortcut(x))."""
+  """y = relu(BN(conv3x3(relu(BN(conv3x3_s(x))))) + shortcut(x)).
+
+  `conv` and `norm` are the network's constructors (`layers.conv`, `layers.batch_norm` partials).
+  """
   planes: int
+  conv: ModuleDef
+  norm: ModuleDef
   strides: int = 1
-  dtype: Any = jnp.float32
-  bn_axis_name: Optional[str] = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    bn = lambda name: batch_norm(train, axis_name=self.bn_axis_name, dtype=self.dtype, name=name)
-    y = conv(self.planes, 3, strides=self.strides, dtype=self.dtype, name="conv1")(x)
-    y = nn.relu(bn("bn1")(y))
-    y = conv(self.planes, 3, dtype=self.dtype, name="conv2")(y)
-    y = bn("bn2")(y)
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = self.conv(self.planes, 3, strides=self.strides, name="conv1")(x)
+    y = nn.relu(self.norm(name="bn1")(y))
+    y = self.conv(self.planes, 3, name="conv2")(y)
+    y = self.norm(name="bn2")(y)
     shortcut = x
     if self.strides != 1 or x.shape[-1] != self.planes:
-      shortcut = conv(self.planes, 1, strides=self.strides, dtype=self.dtype, name="downsample_conv")(x)
-      shortcut = bn("downsample_bn")(shortcut)
+      shortcut = self.conv(self.planes, 1, strides=self.strides, name="downsample_conv")(x)
+      shortcut = self.norm(name="downsample_bn")(shortcut)
     return nn.relu(y + shortcut)
 
 
@@ -52,27 +58,30 @@ class CifarResNet(nn.Module):
   widths: Sequence[int]
   num_classes: int
   dtype: Any = jnp.float32
-  bn_axis_name: Optional[str] = None
+  bn_axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
     if (self.depth - 2) % 6 or self.depth < 8:
-      raise ValueError(f"CifarResNet depth must be 6n + 2 with n >= 1 (8, 14, 20, ...), got {self.depth}")
+      raise ValueError(f"CifarResNet depth must be 6n + 2 with n >= 1 (8, 14, 20, ...), "
+                       f"got {self.depth}")
     if len(self.widths) != 4:
       raise ValueError(f"widths must be (stem, stage1, stage2, stage3), got {self.widths}")
+    conv = functools.partial(layers.conv, dtype=self.dtype)
+    norm = layers.batch_norm(train, axis_name=self.bn_axis_name, dtype=self.dtype)
     blocks_per_stage = (self.depth - 2) // 6
     x = x.astype(self.dtype)
-    x = conv(self.widths[0], 3, dtype=self.dtype, name="conv1")(x)
-    x = nn.relu(batch_norm(train, axis_name=self.bn_axis_name, dtype=self.dtype, name="bn1")(x))
+    x = conv(self.widths[0], 3, name="conv1")(x)
+    x = nn.relu(norm(name="bn1")(x))
     features = {}
     for stage, planes in enumerate(self.widths[1:], start=1):
       for i in range(blocks_per_stage):
         strides = 2 if (stage > 1 and i == 0) else 1
-        x = BasicBlock(planes, strides, dtype=self.dtype, bn_axis_name=self.bn_axis_name,
-                       name=f"layer{stage}_{i}")(x, train)
+        x = BasicBlock(planes, conv=conv, norm=norm, strides=strides,
+                       name=f"layer{stage}_{i}")(x)
       features[f"stage{stage}"] = x
     return classifier_head(x, features, num_classes=self.num_classes, dtype=self.dtype, name="fc",
-                           kernel_init=torch_default_kernel_init, torch_default_bias=True,
+                           kernel_init=layers.torch_kernel_init, torch_default_bias=True,
                            return_features=return_features)
 
 
@@ -82,7 +91,8 @@ _X4 = (32, 64, 128, 256)
 
 def _register(name: str, depth: int, widths: Sequence[int]) -> None:
   def factory(*, num_classes: int, dtype: Any = jnp.float32, **kwargs) -> CifarResNet:
-    return CifarResNet(depth=depth, widths=tuple(widths), num_classes=num_classes, dtype=dtype, **kwargs)
+    return CifarResNet(depth=depth, widths=tuple(widths), num_classes=num_classes, dtype=dtype,
+                       **kwargs)
 
   factory.__name__ = name
   factory.__doc__ = f"mdistiller `{name}`: CIFAR ResNet depth {depth}, widths {tuple(widths)}."

@@ -1,4 +1,5 @@
-"""ShuffleNet V2 1.0x for CIFAR (Ma et al., ECCV 2018) as CRD/mdistiller's `ShuffleV2`.
+"""ShuffleNet V2 1.0x for CIFAR (Ma, Zhang, Zheng and Sun, "ShuffleNet V2: Practical Guidelines
+for Efficient CNN Architecture Design", ECCV 2018) as CRD/mdistiller's `ShuffleV2`.
 
 Stem: 1x1 conv 3 -> 24 + BN + ReLU at full 32x32 resolution (no stride, no
 max pool). Three stages with widths (116, 232, 464); each is one down-sampling
@@ -19,56 +20,63 @@ after the head conv.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import functools
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxkd.models.cifar.common import channel_shuffle, classifier_head, torch_default_kernel_init
-from jaxkd.models.layers import DepthwiseConv, batch_norm, conv
+from jaxkd.models import layers
+from jaxkd.models.cifar.common import channel_shuffle, classifier_head
+from jaxkd.models.layers import DepthwiseConv, ModuleDef
 from jaxkd.models.registry import register
 
 
 class ShuffleV2BasicUnit(nn.Module):
-  """Stride-1 ShuffleNet V2 unit with a 50/50 channel split."""
-  dtype: Any = jnp.float32
-  bn_axis_name: Optional[str] = None
+  """Stride-1 ShuffleNet V2 unit with a 50/50 channel split.
+
+  `conv`, `depthwise_conv` and `norm` are the network's constructors (`layers.conv`,
+  `layers.DepthwiseConv`, `layers.batch_norm` partials).
+  """
+  conv: ModuleDef
+  depthwise_conv: ModuleDef
+  norm: ModuleDef
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    bn = lambda name: batch_norm(train, axis_name=self.bn_axis_name, dtype=self.dtype, name=name)
+  def __call__(self, x: jax.Array) -> jax.Array:
     channels = x.shape[-1]
     if channels % 2:
       raise ValueError(f"ShuffleV2BasicUnit needs an even channel count, got {channels}")
     half = channels // 2
     x1, x2 = x[..., :half], x[..., half:]
-    b = conv(half, 1, kernel_init=torch_default_kernel_init, dtype=self.dtype, name="conv1")(x2)
-    b = nn.relu(bn("bn1")(b))
-    b = DepthwiseConv(3, dtype=self.dtype, name="conv2")(b)
-    b = bn("bn2")(b)
-    b = conv(half, 1, kernel_init=torch_default_kernel_init, dtype=self.dtype, name="conv3")(b)
-    b = nn.relu(bn("bn3")(b))
+    b = self.conv(half, 1, name="conv1")(x2)
+    b = nn.relu(self.norm(name="bn1")(b))
+    b = self.depthwise_conv(3, name="conv2")(b)
+    b = self.norm(name="bn2")(b)
+    b = self.conv(half, 1, name="conv3")(b)
+    b = nn.relu(self.norm(name="bn3")(b))
     return channel_shuffle(jnp.concatenate([x1, b], axis=-1), 2)
 
 
 class ShuffleV2DownUnit(nn.Module):
-  """Stride-2 ShuffleNet V2 unit: two branches of `out_channels // 2` each."""
+  """Stride-2 ShuffleNet V2 unit: two branches of `out_channels // 2` each; `conv`,
+  `depthwise_conv` and `norm` as in ShuffleV2BasicUnit."""
   out_channels: int
-  dtype: Any = jnp.float32
-  bn_axis_name: Optional[str] = None
+  conv: ModuleDef
+  depthwise_conv: ModuleDef
+  norm: ModuleDef
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    bn = lambda name: batch_norm(train, axis_name=self.bn_axis_name, dtype=self.dtype, name=name)
+  def __call__(self, x: jax.Array) -> jax.Array:
     mid = self.out_channels // 2
-    kw = dict(kernel_init=torch_default_kernel_init, dtype=self.dtype)
-    left = DepthwiseConv(3, strides=2, dtype=self.dtype, name="conv1")(x)
-    left = bn("bn1")(left)
-    left = nn.relu(bn("bn2")(conv(mid, 1, name="conv2", **kw)(left)))
-    right = nn.relu(bn("bn3")(conv(mid, 1, name="conv3", **kw)(x)))
-    right = bn("bn4")(DepthwiseConv(3, strides=2, dtype=self.dtype, name="conv4")(right))
-    right = nn.relu(bn("bn5")(conv(mid, 1, name="conv5", **kw)(right)))
+    left = self.depthwise_conv(3, strides=2, name="conv1")(x)
+    left = self.norm(name="bn1")(left)
+    left = nn.relu(self.norm(name="bn2")(self.conv(mid, 1, name="conv2")(left)))
+    right = nn.relu(self.norm(name="bn3")(self.conv(mid, 1, name="conv3")(x)))
+    right = self.norm(name="bn4")(self.depthwise_conv(3, strides=2, name="conv4")(right))
+    right = nn.relu(self.norm(name="bn5")(self.conv(mid, 1, name="conv5")(right)))
     return channel_shuffle(jnp.concatenate([left, right], axis=-1), 2)
 
 
@@ -78,26 +86,26 @@ class CifarShuffleNetV2(nn.Module):
   out_channels: Sequence[int] = (116, 232, 464, 1024)
   num_blocks: Sequence[int] = (3, 7, 3)
   dtype: Any = jnp.float32
-  bn_axis_name: Optional[str] = None
+  bn_axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
-    bn = lambda name: batch_norm(train, axis_name=self.bn_axis_name, dtype=self.dtype, name=name)
-    kw = dict(kernel_init=torch_default_kernel_init, dtype=self.dtype)
+    conv = functools.partial(layers.conv, kernel_init=layers.torch_kernel_init, dtype=self.dtype)
+    depthwise_conv = functools.partial(DepthwiseConv, dtype=self.dtype)
+    norm = layers.batch_norm(train, axis_name=self.bn_axis_name, dtype=self.dtype)
+    units = dict(conv=conv, depthwise_conv=depthwise_conv, norm=norm)
     x = x.astype(self.dtype)
-    x = nn.relu(bn("bn1")(conv(24, 1, name="conv1", **kw)(x)))
+    x = nn.relu(norm(name="bn1")(conv(24, 1, name="conv1")(x)))
     features = {}
     for stage, (width, blocks) in enumerate(zip(self.out_channels[:3], self.num_blocks), start=1):
-      x = ShuffleV2DownUnit(width, dtype=self.dtype, bn_axis_name=self.bn_axis_name,
-                            name=f"layer{stage}_0")(x, train)
+      x = ShuffleV2DownUnit(width, name=f"layer{stage}_0", **units)(x)
       for i in range(1, blocks + 1):
-        x = ShuffleV2BasicUnit(dtype=self.dtype, bn_axis_name=self.bn_axis_name,
-                               name=f"layer{stage}_{i}")(x, train)
+        x = ShuffleV2BasicUnit(name=f"layer{stage}_{i}", **units)(x)
       features[f"stage{stage}"] = x
-    x = nn.relu(bn("bn2")(conv(self.out_channels[3], 1, name="conv2", **kw)(x)))
-    return classifier_head(x, features, num_classes=self.num_classes, dtype=self.dtype, name="linear",
-                           kernel_init=torch_default_kernel_init, torch_default_bias=True,
-                           return_features=return_features)
+    x = nn.relu(norm(name="bn2")(conv(self.out_channels[3], 1, name="conv2")(x)))
+    return classifier_head(x, features, num_classes=self.num_classes, dtype=self.dtype,
+                           name="linear", kernel_init=layers.torch_kernel_init,
+                           torch_default_bias=True, return_features=return_features)
 
 
 @register("shufflenetv2")

@@ -1,4 +1,5 @@
-"""VGG with BatchNorm for CIFAR (Simonyan & Zisserman, ICLR 2015) as in CRD/mdistiller.
+"""VGG with BatchNorm for CIFAR (Simonyan and Zisserman, "Very Deep Convolutional Networks for
+Large-Scale Image Recognition", ICLR 2015) as in CRD/mdistiller.
 
 Five blocks of 3x3 convs (with bias) + BN + ReLU; 2x2 max pooling after
 blocks 0, 1 and 2 (and after block 3 only for 64x64 inputs, as mdistiller);
@@ -15,14 +16,16 @@ pooling (mdistiller's `feats[1:]`, at 32x32 input: 16x16x128, 8x8x256,
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import functools
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxkd.models.cifar.common import classifier_head, linear_normal_001_init
-from jaxkd.models.layers import batch_norm, conv
+from jaxkd.models import layers
+from jaxkd.models.cifar.common import classifier_head
 from jaxkd.models.registry import register
 
 CONFIGS: dict[str, tuple[tuple[int, ...], ...]] = {
@@ -40,26 +43,28 @@ class CifarVGG(nn.Module):
   cfg: Sequence[Sequence[int]]
   num_classes: int
   dtype: Any = jnp.float32
-  bn_axis_name: Optional[str] = None
+  bn_axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
     if len(self.cfg) != 5:
       raise ValueError(f"CifarVGG needs 5 blocks of conv widths, got {len(self.cfg)}: {self.cfg}")
+    conv = functools.partial(layers.conv, use_bias=True, dtype=self.dtype)
+    norm = layers.batch_norm(train, axis_name=self.bn_axis_name, dtype=self.dtype)
     input_height = x.shape[1]
     x = x.astype(self.dtype)
     features = {}
     for b, widths in enumerate(self.cfg):
       for j, width in enumerate(widths):
-        x = conv(width, 3, use_bias=True, dtype=self.dtype, name=f"block{b}_conv{j}")(x)
-        x = batch_norm(train, axis_name=self.bn_axis_name, dtype=self.dtype, name=f"block{b}_bn{j}")(x)
-        x = nn.relu(x)
+        x = conv(width, 3, name=f"block{b}_conv{j}")(x)
+        x = nn.relu(norm(name=f"block{b}_bn{j}")(x))
       if b >= 1:
         features[f"stage{b}"] = x
       if b <= 2 or (b == 3 and input_height == 64):
         x = _max_pool_2x2(x)
-    return classifier_head(x, features, num_classes=self.num_classes, dtype=self.dtype, name="classifier",
-                           kernel_init=linear_normal_001_init, return_features=return_features)
+    return classifier_head(x, features, num_classes=self.num_classes, dtype=self.dtype,
+                           name="classifier", kernel_init=layers.linear_normal_init,
+                           return_features=return_features)
 
 
 @register("vgg8")

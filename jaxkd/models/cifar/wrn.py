@@ -16,37 +16,42 @@ the network is pre-activation, so these are residual sums without BN/ReLU),
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+import functools
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxkd.models.cifar.common import classifier_head, torch_default_kernel_init
-from jaxkd.models.layers import batch_norm, conv
+from jaxkd.models import layers
+from jaxkd.models.cifar.common import classifier_head
+from jaxkd.models.layers import ModuleDef
 from jaxkd.models.registry import register
 
 
 class WideBasicBlock(nn.Module):
-  """Pre-activation wide basic block (see module docstring)."""
+  """Pre-activation wide basic block (see module docstring).
+
+  `conv` and `norm` are the network's constructors (`layers.conv`, `layers.batch_norm` partials).
+  """
   out_planes: int
+  conv: ModuleDef
+  norm: ModuleDef
   strides: int = 1
-  dtype: Any = jnp.float32
-  bn_axis_name: Optional[str] = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    bn = lambda name: batch_norm(train, axis_name=self.bn_axis_name, dtype=self.dtype, name=name)
+  def __call__(self, x: jax.Array) -> jax.Array:
     equal_in_out = x.shape[-1] == self.out_planes
     if equal_in_out and self.strides != 1:
-      raise ValueError(f"WideBasicBlock: identity shortcut needs stride 1, got stride {self.strides}")
-    a = nn.relu(bn("bn1")(x))
-    out = conv(self.out_planes, 3, strides=self.strides, dtype=self.dtype, name="conv1")(a)
-    out = nn.relu(bn("bn2")(out))
-    out = conv(self.out_planes, 3, dtype=self.dtype, name="conv2")(out)
+      raise ValueError(f"WideBasicBlock: identity shortcut needs stride 1, "
+                       f"got stride {self.strides}")
+    a = nn.relu(self.norm(name="bn1")(x))
+    out = self.conv(self.out_planes, 3, strides=self.strides, name="conv1")(a)
+    out = nn.relu(self.norm(name="bn2")(out))
+    out = self.conv(self.out_planes, 3, name="conv2")(out)
     if equal_in_out:
       return x + out
-    shortcut = conv(self.out_planes, 1, strides=self.strides, dtype=self.dtype, name="shortcut_conv")(a)
+    shortcut = self.conv(self.out_planes, 1, strides=self.strides, name="shortcut_conv")(a)
     return shortcut + out
 
 
@@ -56,32 +61,36 @@ class WideResNet(nn.Module):
   widen_factor: int
   num_classes: int
   dtype: Any = jnp.float32
-  bn_axis_name: Optional[str] = None
+  bn_axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
     if (self.depth - 4) % 6 or self.depth < 10:
-      raise ValueError(f"WideResNet depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, 40, ...), got {self.depth}")
+      raise ValueError(f"WideResNet depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, 40, ...), "
+                       f"got {self.depth}")
+    conv = functools.partial(layers.conv, dtype=self.dtype)
+    norm = layers.batch_norm(train, axis_name=self.bn_axis_name, dtype=self.dtype)
     n = (self.depth - 4) // 6
     widths = (16 * self.widen_factor, 32 * self.widen_factor, 64 * self.widen_factor)
     x = x.astype(self.dtype)
-    x = conv(16, 3, dtype=self.dtype, name="conv1")(x)
+    x = conv(16, 3, name="conv1")(x)
     features = {}
     for stage, planes in enumerate(widths, start=1):
       for i in range(n):
         strides = 2 if (stage > 1 and i == 0) else 1
-        x = WideBasicBlock(planes, strides, dtype=self.dtype, bn_axis_name=self.bn_axis_name,
-                           name=f"block{stage}_{i}")(x, train)
+        x = WideBasicBlock(planes, conv=conv, norm=norm, strides=strides,
+                           name=f"block{stage}_{i}")(x)
       features[f"stage{stage}"] = x
-    x = nn.relu(batch_norm(train, axis_name=self.bn_axis_name, dtype=self.dtype, name="bn1")(x))
+    x = nn.relu(norm(name="bn1")(x))
     # mdistiller: PyTorch-default Linear weight, zero bias.
     return classifier_head(x, features, num_classes=self.num_classes, dtype=self.dtype, name="fc",
-                           kernel_init=torch_default_kernel_init, return_features=return_features)
+                           kernel_init=layers.torch_kernel_init, return_features=return_features)
 
 
 def _register(name: str, depth: int, widen_factor: int) -> None:
   def factory(*, num_classes: int, dtype: Any = jnp.float32, **kwargs) -> WideResNet:
-    return WideResNet(depth=depth, widen_factor=widen_factor, num_classes=num_classes, dtype=dtype, **kwargs)
+    return WideResNet(depth=depth, widen_factor=widen_factor, num_classes=num_classes,
+                      dtype=dtype, **kwargs)
 
   factory.__name__ = name
   factory.__doc__ = f"mdistiller `{name}`: WRN-{depth}-{widen_factor}."
