@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from trees import assert_trees_equal, numpy_tree
 
 from jaxkd.train import checkpoint as ckpt_lib
 from jaxkd.train import optim
@@ -63,29 +64,19 @@ def setup():
   return mesh, train_step, new_state
 
 
-def as_numpy(tree):
-  return jax.tree.map(lambda x: np.array(x), tree)
-
-
-def assert_trees_equal(a, b):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
-
-
 def test_restore_continues_exactly(setup, tmp_path):
   mesh, train_step, new_state = setup
   state = new_state(0)
   for i in range(6):
     state, _ = train_step(state, batch_for(0, i))
-  uninterrupted = as_numpy(state)
+  uninterrupted = numpy_tree(state)
 
   ckpt = ckpt_lib.Checkpointer(tmp_path / "ckpt", keep_last=2, keep_best=0, save_every_steps=3)
   state = new_state(0)
   for i in range(3):
     state, _ = train_step(state, batch_for(0, i))
     ckpt.maybe_save(state, {"epoch": 0, "step_in_epoch": i + 1, "data_seed": 0})
-  at_3 = as_numpy(state)
+  at_3 = numpy_tree(state)
   # Donates the saved buffers while the save may be in flight.
   state, _ = train_step(state, batch_for(0, 3))
   ckpt.close()
@@ -103,7 +94,7 @@ def test_restore_continues_exactly(setup, tmp_path):
   state = restored
   for i in range(position["step_in_epoch"], 6):
     state, _ = train_step(state, batch_for(0, i))
-  assert_trees_equal(as_numpy(state), uninterrupted)
+  assert_trees_equal(numpy_tree(state), uninterrupted)
   reader.close()
 
 
@@ -209,7 +200,6 @@ SCRIPT = textwrap.dedent('''
     np.savez(os.path.join(workdir, "final.npz"), **flat)
     print("done", result.steps, flush=True)
 ''')
-
 
 
 def _start(script, workdir, mode):

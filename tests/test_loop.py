@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from trees import assert_trees_equal, numpy_tree
 
 from jaxkd.train import checkpoint as ckpt_lib
 from jaxkd.train import optim
@@ -59,16 +60,6 @@ def spec(**kw) -> FitSpec:
   base = dict(total_steps=8, steps_per_epoch=4, batch_size=BATCH, seed=0, log_every_steps=2,
               progress=False, tensorboard=False, desc="student")
   return FitSpec(**{**base, **kw})
-
-
-def numpy_tree(tree):
-  return jax.tree.map(lambda x: np.array(x), tree)
-
-
-def assert_trees_equal(a, b):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
 
 
 def test_nan_loss_stops_with_the_step(setup, tmp_path):
