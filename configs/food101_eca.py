@@ -4,7 +4,8 @@ Teacher: ImageNet ResNet-50 (torchvision weights, imported) fine-tuned 3 epochs.
 Student: MobileNetV3-Large with an ECA module (Wang et al., "ECA-Net", CVPR 2020) at the end of
 every stage, 20 epochs,
 L = (1 - a) CE + a T^2 KL (a = 0.5, T = 4), Adam (weight decay 1e-4) + one-cycle,
-batch 32, mixed precision (bfloat16 on GPU/TPU). Data: TFDS food101, 80/20 split of
+batch 32, mixed precision (bfloat16 on GPU/TPU); the student exported as float32 and int8
+TFLite (<workdir>/export/). Data: TFDS food101, 80/20 split of
 the official training images into train/val, official test as test; images
 resized to a longest side of 512, random crop, flip, colour jitter.
 
@@ -43,6 +44,11 @@ def get_config():
                                          schedule="one_cycle")
   c.student.loss = schema.loss("kd", temperature=4.0)
   c.student.loss.kd_alpha = 0.5
+
+  # The main job ends with deployable files of the student (<workdir>/export/, the report's
+  # deployment table): float32 and int8 TFLite. Needs `pip install -e ".[export]"`;
+  # --config.export.formats="()" turns the stage off.
+  c.export.formats = ("tflite", "tflite:int8")
 
   # Shown in the report only when the run is this one (dataset, classes, models, loss).
   c.report.reference = {

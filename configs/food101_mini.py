@@ -3,7 +3,8 @@
 Defaults to ../shared/data/food-101-mini (10 classes, 2,000 train / 800 test JPEGs); point
 --config.data.manual_dir at any folder in the Food-101 archive layout. Small resolution (96 px),
 a ResNet-18 teacher trained from scratch, a MobileNetV3-Small student with ECA at the end of
-every stage, distilled with KD from stored teacher logits.
+every stage, distilled with KD from stored teacher logits; the student exported as float32 and
+int8 TFLite.
 
   python main.py --config=configs/food101_mini.py --workdir=/tmp/food101_mini
 """
@@ -49,4 +50,8 @@ def get_config():
 
   c.teacher_logits.batch_size = 64
   c.evaluate.batch_size = 64
+
+  # Deployable files of the student: float32 and int8 TFLite in <workdir>/export/, verified on
+  # val (needs `pip install -e ".[export]"`; --config.export.formats="()" turns the stage off).
+  c.export.formats = ("tflite", "tflite:int8")
   return c

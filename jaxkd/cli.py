@@ -247,6 +247,10 @@ def _pipeline_error(e: BaseException) -> tuple[str, str, int] | None:
     # The loss diverged: the message names the step, the value and what to try. Not a mistake in
     # the command line (2), a run that failed (1).
     return "training error", str(e), 1
+  if isinstance(e, _loaded_class("jaxkd.export.deploy", "ExportError")):
+    # An exported file that disagrees with jaxkd (or a converter that failed): the run trained
+    # and evaluated, the export did not hold; 1, like a failed training.
+    return "export error", str(e), 1
   return None
 
 

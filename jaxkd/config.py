@@ -44,7 +44,7 @@ __all__ = [
     "fill_defaults", "flatten",
     "validate", "check_values", "describe", "changes_result", "default", "lookup", "is_known",
     "is_free_form", "suggest", "unknown_key_message", "model_kwargs", "model_options",
-    "compute_dtype", "load_config_file", "sibling", "ROLES",
+    "compute_dtype", "load_config_file", "sibling", "ROLES", "export_entries",
 ]
 
 
@@ -335,6 +335,27 @@ _EVALUATE = [
        "images", bounds="> 0", result=False),
 ]
 
+# Deployable files of the finished model (jaxkd.export); they change no number of the training.
+EXPORT_FORMATS = ("tflite", "onnx")
+EXPORT_QUANTIZATIONS = ("none", "float16", "int8")
+_EXPORT_ENTRIES = tuple(f for f in EXPORT_FORMATS) + tuple(
+    f"{f}:{q}" for f in EXPORT_FORMATS for q in EXPORT_QUANTIZATIONS)
+
+_EXPORT = [
+    _k("formats", "tuple", (),
+       "files the export stage writes into <workdir>/export/, 'FORMAT' or 'FORMAT:QUANTIZE' "
+       "('tflite' = 'tflite:none', float32); () = no export stage", item="str",
+       choices=_EXPORT_ENTRIES, result=False),
+    _k("role", "str", "student", "the model exported", choices=ROLES, result=False),
+    _k("latency_runs", "int", 50, "batch-1 CPU runs timed for each latency median (0: none)",
+       bounds=">= 0", result=False),
+    _k("num_representative", "int", 200, "int8 calibration images (from the train split)",
+       "images", bounds="> 0", result=False),
+    _k("max_verify_images", "int", None,
+       "val images the exported file is verified on (None: all of val)", "images",
+       optional=True, bounds="> 0", result=False),
+]
+
 _REPORT = [
     _k("reference", "dict", {},
        "published numbers shown beside the results (free-form: name -> text)", result=False),
@@ -363,10 +384,11 @@ def _build() -> dict[str, Key]:
     add(f"{role}.", _STAGE + (_STUDENT_ONLY if role == "student" else []), _STAGE_DEFAULTS[role])
   add("teacher_logits.", _TEACHER_LOGITS)
   add("evaluate.", _EVALUATE)
+  add("export.", _EXPORT)
   add("report.", _REPORT)
   # Order of base_config(): the stages' teacher_logits sits between teacher and student.
   order = ["name", "seed", "dtype", "data.", "augment.", "teacher.", "teacher_logits.", "student.",
-           "evaluate.", "report."]
+           "evaluate.", "export.", "report."]
   def rank(path: str) -> int:
     return next(i for i, o in enumerate(order)
                 if path == o or (o.endswith(".") and path.startswith(o)))
@@ -806,7 +828,7 @@ def validate(config, *, num_devices: int | None = None) -> None:
   `check_values` (unknown keys with a did-you-mean, types, choices, ranges), then the
   checks across keys: registered model and the options it takes, batch sizes divisible
   by `num_devices` (default: jax.device_count()), a teacher for a distilling student,
-  files that must exist.
+  files that must exist, the export packages when config.export.formats asks for files.
   """
   import jax
 
@@ -874,6 +896,40 @@ def validate(config, *, num_devices: int | None = None) -> None:
   if int(config.evaluate.batch_size) % num_devices:
     raise ConfigError(f"config.evaluate.batch_size={config.evaluate.batch_size} must be a multiple "
                       f"of the {num_devices} devices")
+  _validate_export(config)
+
+
+def export_entries(config) -> list[tuple[str, str]]:
+  """(format, quantize) of each config.export.formats entry ('tflite' reads ('tflite', 'none'))."""
+  export = config.get("export", None)
+  entries = tuple(export.get("formats", ()) or ()) if export is not None else ()
+  return [(e.partition(":")[0], e.partition(":")[2] or "none") for e in entries]
+
+
+def _validate_export(config) -> None:
+  """config.export: no entry twice; the export packages present when the stage will run."""
+  entries = export_entries(config)
+  if not entries:
+    return
+  formats = tuple(config.export.formats)
+  seen = set()
+  for entry, pair in zip(formats, entries):
+    if pair in seen:
+      raise ConfigError(f"config.export.formats={formats!r}: {entry!r} names the same file as an "
+                        "earlier entry ('tflite' is 'tflite:none'); list each file once")
+    seen.add(pair)
+  role = config.export.role
+  if not config[role].enabled:
+    return  # the stage is skipped, saying why
+  from jaxkd.export import extra
+  needed = {"tflite": ("ai_edge_litert",), "onnx": ("onnxruntime", "jax2onnx", "onnx")}
+  missing = sorted({extra.PACKAGES[m] for f, _ in entries for m in needed[f]
+                    if not extra.available(m)})
+  if missing:
+    raise ConfigError(f"config.export.formats={formats!r} needs the export extra ("
+                      f"{', '.join(missing)} not installed): install it with "
+                      "`pip install -e \".[export]\"` from the jaxkd folder, or turn the export "
+                      "stage off with --config.export.formats=\"()\"")
 
 
 # ----------------------------------------------------------------------------- describe

@@ -9,7 +9,11 @@ The stages are functions, in the order the data flows through them:
     _student          distill the student (from stored logits, an online teacher, or CE only)
     _evaluate         teacher and student on val and test (val only when the data has no test
                       split)
-    _report           report.md / report.json (parameters, MACs, accuracy) and plots
+    _export           the deployable files of config.export.formats (TFLite / ONNX, float32,
+                      float16 or int8) in <workdir>/export/, each verified against jaxkd on val
+                      and timed (jaxkd.export); skipped when formats is ()
+    _report           report.md / report.json (parameters, MACs, accuracy, the deployment
+                      table) and plots
 
 Each hands its result to the next: the teacher's (model, variables), the teacher-logit store, the
 student's (model, variables), the evaluation results. A training stage hands on the variables of
@@ -20,7 +24,8 @@ its last step or, with ``<role>.handoff='best'``, those of its checkpoint with t
 experiment only prints its report, and a killed run resumes where it stopped. The config is
 checked before any compute (`validate`); the config of the first run is kept in
 ``<workdir>/config.json``, and a rerun whose config would change a result is refused, naming the
-keys (keys that change no result, such as batch sizes of evaluation or logging, are accepted);
+keys (keys that change no result, such as batch sizes of evaluation or logging, are accepted;
+config.export.* is one of them, so adding an export to a finished run runs the export stage);
 the data's identity (its folder fingerprint) is kept in ``dataset.json`` and must not change
 either. SIGINT and SIGTERM stop at the next safe point with the work saved (`StopRequested`).
 Each model is built once per run.
@@ -54,7 +59,7 @@ from jaxkd.workdir import (
 
 __all__ = ["STAGES", "Trained", "run", "validate", "compute_dtype", "ConfigError"]
 
-STAGES = ("teacher", "teacher_logits", "student", "evaluate", "report")
+STAGES = ("teacher", "teacher_logits", "student", "evaluate", "export", "report")
 
 
 class Trained(NamedTuple):
@@ -421,14 +426,90 @@ def _evaluate(ctx: _Context, trained: dict[str, Trained]) -> dict:
   return results
 
 
-def _report(ctx: _Context, results: dict) -> dict:
-  """Stage 5: report.md / report.json and the plots; prints report.md."""
+def _export_wanted(config) -> tuple[list[tuple[str, str]], str]:
+  """((format, quantize) of each file config.export.formats asks for, why the stage is skipped
+  ('' when it runs))."""
+  entries = schema.export_entries(config)
+  role = config.export.role
+  if not entries:
+    return [], "config.export.formats is ()"
+  if not config[role].enabled:
+    return [], f"config.export.role={role!r} but config.{role}.enabled is False"
+  return entries, ""
+
+
+def _entry(format: str, quantize: str) -> str:
+  return f"{format}:{quantize}"
+
+
+def _export_done(wd: Workdir, config) -> bool:
+  """Whether the export stage has nothing left to do for `config`: its marker holds every file
+  config.export.formats asks for (or the stage is skipped and marked)."""
+  marker = wd.done("export")
+  if marker is None:
+    return False
+  entries, why = _export_wanted(config)
+  return bool(why) or all(_entry(*e) in marker.get("files", {}) for e in entries)
+
+
+def _export(ctx: _Context, trained: dict[str, Trained]) -> list[dict]:
+  """Stage 5: the files of config.export.formats in <workdir>/export/ (jaxkd.export.export: the
+  finished model as it is, verified on val against jaxkd, int8 calibrated on train images);
+  returns their figures. A file whose figures (FILE.json, written last) exist is kept, not
+  exported again."""
+  from jaxkd import export as export_lib
+  config, wd = ctx.config, ctx.workdir
+  entries, why = _export_wanted(config)
+  if why:
+    _skip(wd, "export", why)
+    return []
+  role = config.export.role
+  model, variables = trained[role]
+  aug = config.augment
+  deployable = export_lib.Deployable(
+      model=model, variables=jax.device_get(variables), model_name=str(config[role].model),
+      role=role, image_size=ctx.image_size, class_names=[str(n) for n in ctx.source.class_names],
+      eval_crop_fraction=float(aug.eval_crop_fraction), antialias=bool(aug.antialias),
+      source=ctx.source)
+  split = _eval_split(ctx.source) or ctx.eval_splits()[0]
+  previous = (wd.done("export") or {}).get("files", {})
+  files, figures = dict(previous), []
+  for format, quantize in entries:
+    out = export_lib.default_out(wd.path, role, format, quantize)
+    meta = out.with_name(out.name + ".json")
+    where = f"while exporting {out.name}; the finished exports are kept"
+    if out.exists() and meta.exists():
+      _log(f"export: keeping the finished {out}")
+      result = json.loads(meta.read_text())
+    else:
+      ctx.check_stop(where)
+
+      def say(line, where=where):
+        _log(line)
+        ctx.check_stop(where)
+
+      result = export_lib.export(
+          deployable, format, quantize, out, verify_source=ctx.source, verify_split=split,
+          max_verify_images=config.export.max_verify_images,
+          num_representative=int(config.export.num_representative),
+          latency_runs=int(config.export.latency_runs), progress=say)
+    figures.append(result)
+    files[_entry(format, quantize)] = {
+        "file": str(out.relative_to(wd.path)), "size_bytes": result["size_bytes"],
+        "max_abs_prob_diff": result["parity"]["max_abs_prob_diff"],
+        "top1_agreement": result["parity"]["top1_agreement"], "top1": result["top1"]}
+  wd.mark("export", {"role": role, "files": files})
+  return figures
+
+
+def _report(ctx: _Context, results: dict, exports: list[dict]) -> dict:
+  """Stage 6: report.md / report.json and the plots; prints report.md."""
   from jaxkd.train import report as report_lib
   wd = ctx.workdir
   training = {role: wd.done(role) for role in schema.ROLES if ctx.config[role].enabled}
   report = report_lib.write_report(ctx.config, wd.path, source=ctx.source, results=results,
                                    splits=ctx.eval_splits(), data_splits=data_splits(ctx.source),
-                                   training=training)
+                                   training=training, exports=exports)
   wd.mark("report", {"report": str(wd.path / "report.md")})
   if jax.process_index() == 0:
     print((wd.path / "report.md").read_text())
@@ -444,7 +525,10 @@ def _run_stages(ctx: _Context) -> dict:
   ctx.check_stop("after the student stage")
   trained = {role: t for role, t in (("teacher", teacher), ("student", student)) if t is not None}
   results = _evaluate(ctx, trained)
-  return _report(ctx, results)
+  ctx.check_stop("after the evaluation")
+  exports = _export(ctx, trained)
+  ctx.check_stop("after the export stage")
+  return _report(ctx, results, exports)
 
 
 # ----------------------------------------------------------------------------- run
@@ -494,7 +578,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   if harmless:
     _log("rerun with settings that change no result: " + "; ".join(harmless))
 
-  if all(wd.done(s) for s in STAGES):
+  if all(wd.done(s) for s in STAGES if s != "export"):
+    if _export_wanted(config)[1]:
+      _skip(wd, "export", _export_wanted(config)[1])
+  if all(wd.done(s) for s in STAGES if s != "export") and _export_done(wd, config):
     report = json.loads((wd.path / "report.json").read_text())
     print((wd.path / "report.md").read_text())
     return report

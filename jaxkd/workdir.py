@@ -3,12 +3,14 @@
     <workdir>/config.json             the config of the first run (a rerun that would change a
                                       result is refused, naming the keys)
     <workdir>/dataset.json            the data's identity (name, version, classes, split sizes)
+                                      and its class names (prediction and export need no data)
     <workdir>/stages/<stage>.json     one marker per finished stage (teacher, teacher_logits,
-                                      student, evaluate, report)
+                                      student, evaluate, export, report)
     <workdir>/<role>/final_variables  the variables a training stage hands on (Orbax)
     <workdir>/<role>/checkpoints/     the training checkpoints, metrics.jsonl, tensorboard/
                                       (written by jaxkd.train.loop.fit)
     <workdir>/eval/<role>_<split>.json, report.md, report.json, plots/
+    <workdir>/export/<role>_<float32|float16|int8>.<tflite|onnx>(.json)  deployable files
 
 `Workdir(path)` reads and writes these; `load_variables(workdir, role)` gives a finished run's
 model and variables (for prediction and export); `finished_workdir_teacher(path)` says whether a
@@ -71,9 +73,11 @@ def data_splits(source) -> list[str]:
 
 
 def dataset_identity(source) -> dict:
-  """What dataset.json records: name, version, classes and the size of every split."""
+  """What dataset.json records: name, version, classes, the size of every split and the class
+  names (in label order)."""
   return {"name": source.name, "version": source.version, "num_classes": source.num_classes,
-          "num_examples": {s: source.num_examples(s) for s in data_splits(source)}}
+          "num_examples": {s: source.num_examples(s) for s in data_splits(source)},
+          "class_names": [str(n) for n in source.class_names]}
 
 
 def variables_dir(workdir: str | os.PathLike, role: str) -> pathlib.Path:
@@ -137,12 +141,16 @@ class Workdir:
         write_json(path, current)
       return
     saved = json.loads(path.read_text())
-    changed = [k for k in _IDENTITY if saved.get(k) != current.get(k)]
+    # A dataset.json written before class names were recorded is checked without them.
+    keys = _IDENTITY + (("class_names",) if "class_names" in saved else ())
+    changed = [k for k in keys if saved.get(k) != current.get(k)]
     if changed:
       what = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
       raise ConfigError(f"the data differs from the data {self.path} was made with ({what}): "
                         "the folder was changed or another one given; use a new --workdir for "
                         "the new data")
+    if "class_names" not in saved and jax.process_index() == 0:
+      write_json(path, {**saved, "class_names": current["class_names"]})  # for predict / export
 
   def save_variables(self, role: str, variables) -> None:
     """Saves the variables the `role` stage hands on (<role>/final_variables)."""

@@ -366,3 +366,40 @@ def test_print_config_from_another_directory_without_jax(tmp_path):
   assert line.startswith("student.epochs = 7 ") and "[epochs] passes over the train split" in line
   help_text = _main_py("--help").stdout
   assert "--print_config" in help_text and "--config.student.model_kwargs.width_mult" in help_text
+
+
+def test_export_keys_entries_and_the_missing_extra(monkeypatch):
+  config = schema.base_config()
+  assert tuple(config.export.formats) == () and config.export.role == "student"
+  assert schema.export_entries(config) == []
+  for path in ("export.formats", "export.role", "export.latency_runs",
+               "export.num_representative", "export.max_verify_images", "export"):
+    assert not schema.changes_result(path), path  # adding an export to a finished run is harmless
+  config.export.formats = ("tflite", "onnx:int8", "tflite:float16")
+  assert schema.export_entries(config) == [("tflite", "none"), ("onnx", "int8"),
+                                           ("tflite", "float16")]
+  schema.validate(config, num_devices=8)
+  config.export.formats = ("tflite:int4",)
+  with pytest.raises(schema.ConfigError, match=r"config\.export\.formats=\('tflite:int4',\): "
+                                               r"'tflite:int4': use one of 'tflite', 'onnx', "
+                                               r"'tflite:none'.*'onnx:int8'"):
+    schema.check_values(config)
+  config.export.formats = ("tflite", "tflite:none")
+  with pytest.raises(schema.ConfigError, match=r"'tflite:none' names the same file"):
+    schema.validate(config, num_devices=8)
+  # Without the export packages: refused before any compute, in one line naming the extra and
+  # how to turn the stage off; not when the exported role does not run.
+  from jaxkd.export import extra
+  monkeypatch.setattr(extra, "available", lambda module: module != "ai_edge_litert")
+  config.export.formats = ("tflite", "tflite:int8")
+  with pytest.raises(schema.ConfigError) as e:
+    schema.validate(config, num_devices=8)
+  message = str(e.value)
+  assert "\n" not in message and "ai-edge-litert" in message
+  assert 'pip install -e ".[export]"' in message and '--config.export.formats="()"' in message
+  config.export.formats = ("onnx",)
+  schema.validate(config, num_devices=8)
+  config.export.formats = ("tflite",)
+  config.student.enabled = False
+  config.student.loss.kind = "ce"
+  schema.validate(config, num_devices=8)  # the export stage is skipped, saying why

@@ -39,6 +39,8 @@ TINY = [
     "--config.evaluate.splits=('val',)", "--config.evaluate.batch_size=200",
     "--config.teacher_logits.batch_size=200",
     "--config.data.num_parallel_calls=2",
+    # No export (the mini config exports float32 + int8 TFLite): one test adds it to a finished run.
+    "--config.export.formats=()",
     "--progress=false",
 ]
 
@@ -96,8 +98,10 @@ def _assert_same_variables(a_dir, b_dir):
 
 def _check_finished_run(wd, proc, num_val):
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  for stage in ("teacher", "teacher_logits", "student", "evaluate", "report"):
+  for stage in ("teacher", "teacher_logits", "student", "evaluate", "export", "report"):
     assert (wd / "stages" / f"{stage}.json").exists(), stage
+  export = json.loads((wd / "stages" / "export.json").read_text())
+  assert export["skipped"] == "config.export.formats is ()"
   report = json.loads((wd / "report.json").read_text())
   roles = {m["role"]: m for m in report["models"]}
   assert set(roles) == {"teacher", "student"}
@@ -159,6 +163,42 @@ def test_rerun_accepts_harmless_changes_and_refuses_others(food_data, finished, 
   (err,) = _errors(third)
   assert err.startswith("config error") and "config.student.loss.temperature" in err
   assert f"--config.teacher.pretrained={wd}" in err
+
+
+def test_export_added_to_a_finished_run_runs_only_the_export_stage(food_data, finished, tmp_path):
+  pytest.importorskip("ai_edge_litert", reason="the export extra is not installed")
+  wd = tmp_path / "exported"
+  shutil.copytree(finished[0], wd)
+  proc = _run(wd, food_data, "--config.export.formats=('tflite', 'tflite:int8')",
+              "--config.export.latency_runs=2", "--config.export.max_verify_images=16",
+              "--config.export.num_representative=16")
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert "settings that change no result:" in proc.stdout and "export.formats" in proc.stdout
+  assert ": training" not in proc.stdout and "evaluate:" not in proc.stdout  # nothing else ran
+  files = {"tflite:none": "export/student_float32.tflite",
+           "tflite:int8": "export/student_int8.tflite"}
+  marker = json.loads((wd / "stages" / "export.json").read_text())
+  assert marker["role"] == "student"
+  assert {k: v["file"] for k, v in marker["files"].items()} == files
+  report = json.loads((wd / "report.json").read_text())
+  rows = {r["quantize"]: r for r in report["deployment"]}
+  assert set(rows) == {"none", "int8"}
+  for quantize, row in rows.items():
+    path = wd / row["file"]
+    assert row["file"] == files[f"tflite:{quantize}"] and row["format"] == "tflite"
+    assert row["size_bytes"] == path.stat().st_size > 0
+    meta = json.loads(path.with_name(path.name + ".json").read_text())
+    assert meta["class_names"] == json.loads((wd / "dataset.json").read_text())["class_names"]
+    assert row["images"] == meta["parity"]["images"] == 16 and row["latency_runs"] == 2
+    assert row["latency_ms"] > 0 and row["jaxkd_latency_ms"] > 0
+    assert 0.0 <= row["val_top1"] <= 1.0 and 0.0 <= row["top1_agreement"] <= 1.0
+  assert rows["none"]["max_abs_prob_diff"] <= 1e-4 and rows["none"]["top1_agreement"] == 1.0
+  assert rows["none"]["val_top1"] == rows["none"]["jaxkd_val_top1"]
+  assert rows["int8"]["size_bytes"] < rows["none"]["size_bytes"]
+  md = (wd / "report.md").read_text()
+  assert "## Deployment (student; verified on 16 val images)" in md
+  assert "| tflite | int8 | export/student_int8.tflite |" in md
+  assert "| tflite | float32 | export/student_float32.tflite |" in md
 
 
 def test_reuse_a_finished_teacher_and_a_damaged_store(food_data, finished, tmp_path):

@@ -1,6 +1,7 @@
 """The experiment report: report.md / report.json (model, parameters, MACs, accuracy per split, as
 in the tables of the distillation papers; the val top-1 of the last and of the best checkpoint of
-each trained model, and which of the two was handed on) and plots (training curves, confusion
+each trained model, and which of the two was handed on; the deployment table of the exported
+files: size, latency, val top-1 and agreement with jaxkd) and plots (training curves, confusion
 matrices). It describes the run that happened: the title comes from the effective dataset, models
 and loss. Nothing is compiled: parameters and MACs are counted from shapes
 (`jaxkd.models.cost(..., xla=False)`), the curves read the stages' metrics.jsonl."""
@@ -18,7 +19,7 @@ from jaxkd.config import model_kwargs
 from jaxkd.train.step import LossConfig
 
 __all__ = ["write_report", "describe_run", "reference_for_run", "plot_training_curves",
-           "plot_confusion", "read_metrics", "SUMMARY_FIELDS"]
+           "plot_confusion", "read_metrics", "deployment_rows", "SUMMARY_FIELDS"]
 
 # The evaluation numbers a report row keeps per split (besides per_class_accuracy), and a
 # training stage's marker of its last and best evaluation.
@@ -177,9 +178,53 @@ def _training_text(role: str, t: dict) -> str:
           f"{'the best checkpoint' if t['handoff'] == 'best' else 'the last step'}")
 
 
+def deployment_rows(exports) -> list[dict]:
+  """The report's deployment table from the figures of jaxkd.export.export (one per file):
+  format, quantize, file, size_bytes, the latency medians (ms, batch 1) of the file and of jaxkd
+  (jitted), the val top-1 of both, the top-1 agreement and the largest probability difference
+  between them, and the number of verification images."""
+  rows = []
+  for f in exports or ():
+    latency, top1, parity = f.get("latency_ms") or {}, f.get("top1") or {}, f["parity"]
+    rows.append({"format": f["format"], "quantize": f["quantize"], "role": f.get("role"),
+                 "file": f"export/{f['file']}", "size_bytes": int(f["size_bytes"]),
+                 "latency_ms": latency.get("exported_median"),
+                 "jaxkd_latency_ms": latency.get("jaxkd_jit_median"),
+                 "latency_runs": latency.get("runs"), "val_top1": top1.get("exported"),
+                 "jaxkd_val_top1": top1.get("jaxkd"),
+                 "top1_agreement": parity["top1_agreement"],
+                 "max_abs_prob_diff": parity["max_abs_prob_diff"], "images": parity["images"]})
+  return rows
+
+
+def _ms(x) -> str:
+  return "—" if x is None else f"{x:.2f}"
+
+
+def _deployment_lines(rows: list[dict]) -> list[str]:
+  if not rows:
+    return []
+  first = rows[0]
+  lines = ["", f"## Deployment ({first['role']}; verified on {first['images']} val images)", "",
+           "| format | quantisation | file | size (MB) | latency (ms): file / jaxkd jit | "
+           "val top-1 (%): file / jaxkd | top-1 agreement (%) | max prob. diff. |",
+           "|---|---|---|---:|---:|---:|---:|---:|"]
+  for r in rows:
+    quant = "float32" if r["quantize"] == "none" else r["quantize"]
+    lines.append(f"| {r['format']} | {quant} | {r['file']} | {r['size_bytes'] / 1e6:.2f} | "
+                 f"{_ms(r['latency_ms'])} / {_ms(r['jaxkd_latency_ms'])} | "
+                 f"{_pct(r['val_top1'])} / {_pct(r['jaxkd_val_top1'])} | "
+                 f"{_pct(r['top1_agreement'])} | {r['max_abs_prob_diff']:.2g} |")
+  lines += ["", "Latency: median of batch-1 runs on the CPU, the file single-threaded (LiteRT / "
+            "ONNX Runtime), jaxkd jitted on its first device; <workdir>/export/FILE.json holds "
+            "the figures, class names and input preprocessing (docs/deploy.md)."]
+  return lines
+
+
 def write_report(config, workdir: pathlib.Path, *, source, results: Mapping[tuple[str, str], dict],
                  splits=None, data_splits=None,
-                 training: Mapping[str, Mapping[str, Any]] | None = None) -> dict:
+                 training: Mapping[str, Mapping[str, Any]] | None = None,
+                 exports=None) -> dict:
   """Writes report.json, report.md and plots/ into `workdir`; returns the report dict.
 
   `splits`: the evaluated splits in order (default config.evaluate.splits); a split the data does
@@ -187,6 +232,8 @@ def write_report(config, workdir: pathlib.Path, *, source, results: Mapping[tupl
   data has (default train, val, test), for the image counts. `training`: per role, what its
   training stage recorded (its stage marker: steps, val, best_val, best_step, handoff); the row of
   a trained role gets `training` = {steps, handoff, last_val, best_val} ({step, top1, top5} each).
+  `exports`: the figures of the exported files (jaxkd.export.export); report.json's `deployment`
+  lists them (`deployment_rows`).
   """
   workdir = pathlib.Path(workdir)
   plots = workdir / "plots"
@@ -228,6 +275,9 @@ def write_report(config, workdir: pathlib.Path, *, source, results: Mapping[tupl
                         "absent_splits": absent, "skipped_images": skipped,
                         "converted_images": converted},
             "models": rows, "reference": reference}
+  deployment = deployment_rows(exports)
+  if deployment:
+    report["deployment"] = deployment
   if why_not:
     report["reference_not_shown"] = why_not
   (workdir / "report.json").write_text(json.dumps(report, indent=2))
@@ -260,6 +310,7 @@ def write_report(config, workdir: pathlib.Path, *, source, results: Mapping[tupl
   if trained:
     lines += ["", "Val top-1 (%) during training, at the last step and at the best checkpoint:",
               ""] + [f"- {_training_text(role, t)}" for role, t in trained]
+  lines += _deployment_lines(deployment)
   if reference:
     lines += ["", "Published reference (" + str(reference.get("source", "")) + "): " +
               ", ".join(f"{k} {v}" for k, v in reference.items()
