@@ -221,7 +221,7 @@ def load_variables(workdir: str | os.PathLike, role: str, *,
   if not (marker.is_file() and variables_dir(path, role).is_dir()
           and (path / "config.json").is_file() and (path / "dataset.json").is_file()):
     raise ConfigError(f"{path} has no finished {role} stage (stages/{role}.json and "
-                      f"{role}/final_variables); give the --workdir of a finished run")
+                      f"{role}/final_variables); give the workdir of a finished run")
   config = _saved_config(path)
   stage = config[role]
   num_classes = json.loads((path / "dataset.json").read_text())["num_classes"]
