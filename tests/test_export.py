@@ -260,34 +260,31 @@ def test_missing_extra_names_it(monkeypatch):
 # ----------------------------------------------------------------------------- every family
 
 
-# Each family once, in one of the two formats (both formats run the trained resnet8 above): every
-# op and folding pattern reaches a converter. ONNX conversion of the MobileNetV3s is the slowest
-# (jax2onnx traces every block), so they go to TFLite.
+# Every family in both formats (small widths and depths): every op and folding pattern reaches
+# both converters and both official runtimes.
 ARCHITECTURES = [
     # SE, ECA's 1-D convolution, hard-swish, hard-sigmoid, depthwise convolutions
-    ("tflite", "mobilenet_v3_small", {"stage_attention": "eca", "width_mult": 0.5}),
-    ("tflite", "mobilenet_v3_small",
-     {"attention": "cbam", "stage_attention": "simam", "width_mult": 0.5}),
-    ("onnx", "resnet18", {}),  # 7x7 stem, max pool with padding
-    ("tflite", "wrn_16_2", {}),  # pre-activation: BatchNorms that follow no convolution
-    ("onnx", "vgg8", {}),  # convolutions with a bias, 2x2 max pool
+    ("mobilenet_v3_small", {"stage_attention": "eca", "width_mult": 0.5}),
+    ("mobilenet_v3_small", {"attention": "cbam", "stage_attention": "simam", "width_mult": 0.5}),
+    ("resnet18", {}),  # 7x7 stem, max pool with padding
+    ("wrn_16_2", {}),  # pre-activation: BatchNorms that follow no convolution
+    ("vgg8", {}),  # convolutions with a bias, 2x2 max pool
     # grouped 1x1 convolutions, average pool, channel shuffle (a stride-2 and a stride-1 unit)
-    ("tflite", "shufflenetv1", {"num_blocks": (1, 2, 1)}),
-    ("onnx", "shufflenetv2", {"num_blocks": (2, 1, 1)}),  # channel split
-    ("onnx", "mobilenetv2", {}),  # inverted residuals, depthwise convolutions
+    ("shufflenetv1", {"num_blocks": (1, 2, 1)}),
+    ("shufflenetv2", {"num_blocks": (2, 1, 1)}),  # channel split
+    ("mobilenetv2", {}),  # inverted residuals, depthwise convolutions
 ]
 
 
 @needs_extra
-@pytest.mark.parametrize("fmt,name,kwargs", ARCHITECTURES, ids=lambda v: str(v))
-def test_every_architecture_exports(fmt, name, kwargs, tmp_path):
-  """Random weights and perturbed statistics; the file against the unfolded jaxkd forward."""
+@pytest.mark.parametrize("name,kwargs", ARCHITECTURES, ids=lambda v: str(v))
+def test_every_architecture_exports(name, kwargs, tmp_path):
+  """Random weights and perturbed statistics; each file against the unfolded jaxkd forward."""
   import jax
   import jax.numpy as jnp
 
   from jaxkd import models
   from jaxkd.export import fold, onnx, tflite
-  module = {"tflite": tflite, "onnx": onnx}[fmt]
   model = models.create(name, num_classes=7, **kwargs)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)),
                                              train=False))
@@ -308,7 +305,8 @@ def test_every_architecture_exports(fmt, name, kwargs, tmp_path):
   want = np.asarray(jax.jit(lambda v, x: jax.nn.softmax(
       model.apply(v, fold.normalize(x), train=False)))(variables, images))
   folded = fold.fold_batchnorm(model, variables, SIZE, check=False)
-  path = tmp_path / f"m.{fmt}"
-  path.write_bytes(module.convert(folded.probabilities, SIZE))
-  got = module.Runner(path)(images)
-  assert np.max(np.abs(got - want)) <= 1e-5, (fmt, np.max(np.abs(got - want)))
+  for fmt, module in (("tflite", tflite), ("onnx", onnx)):
+    path = tmp_path / f"m.{fmt}"
+    path.write_bytes(module.convert(folded.probabilities, SIZE))
+    got = module.Runner(path)(images)
+    assert np.max(np.abs(got - want)) <= 1e-5, (fmt, np.max(np.abs(got - want)))
