@@ -105,8 +105,14 @@ class Predictor:
 
 
 def _reason(e: Exception) -> str:
-  text = str(e).strip().splitlines()
-  line = next((t for t in text if t.strip() and "Graph execution error" not in t), type(e).__name__)
+  """TensorFlow's reason (without its op decorations), else the exception's first line."""
+  import tensorflow as tf
+
+  from jaxkd.data.user_folders import tf_error_message
+  if isinstance(e, tf.errors.OpError):
+    line = tf_error_message(e)
+  else:
+    line = next((t for t in str(e).splitlines() if t.strip()), type(e).__name__)
   return f"cannot decode the image ({line.strip()[:200]})"
 
 
@@ -141,14 +147,15 @@ def main(argv=None) -> int:
   for result in predictor(paths, args.top_k):
     if args.json:
       print(json.dumps(result), flush=True)
-    elif "error" in result:
-      print(f"{result['path']}: {result['error']}", flush=True)
-    else:
+    elif "error" not in result:
       best = ", ".join(f"{name} {prob:.4f}" for name, prob in result["top_k"])
       print(f"{result['path']}: {best}", flush=True)
-    if "error" in result:
+    if "error" in result:  # once, on stderr (and in the JSON stream with --json)
       bad += 1
-      print(f"predict: {result['path']}: {result['error']}", file=sys.stderr)
+      print(f"predict: {result['path']}: {result['error']}", file=sys.stderr, flush=True)
+  if bad:
+    print(f"predict: {bad} of {len(paths)} images could not be read (listed above); the others "
+          "were classified", file=sys.stderr)
   return 1 if bad else 0
 
 

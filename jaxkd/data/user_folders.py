@@ -166,7 +166,7 @@ def _pipeline_decode():
   return decode
 
 
-def _tf_message(error: tf.errors.OpError) -> str:
+def tf_error_message(error: tf.errors.OpError) -> str:
   """TensorFlow's error message without the op/function decorations.
 
   In graph mode the message is 'Graph execution error:', the Python frames of the op, then the
@@ -184,7 +184,7 @@ def pipeline_decodes(data: bytes) -> str | None:
   try:
     full, crop = _pipeline_decode()(tf.constant(data))
   except tf.errors.OpError as e:
-    return _tf_message(e)
+    return tf_error_message(e)
   if int(full[0]) < 1 or int(full[1]) < 1 or int(full[2]) != 3 or int(crop[2]) != 3:
     return f"decoded to shape {full.numpy().tolist()}"
   return None
