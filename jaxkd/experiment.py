@@ -171,7 +171,7 @@ def _train(ctx: _Context, role: str, model, *, init_variables=None,
   from jaxkd.train import evaluate as evaluate_lib
   from jaxkd.train import optim
   from jaxkd.train.loop import FitSpec, fit
-  from jaxkd.train.state import create_train_state
+  from jaxkd.train.state import create_train_state, with_variables
   from jaxkd.train.step import make_eval_step, make_train_step
 
   config, source, mesh = ctx.config, ctx.source, ctx.mesh
@@ -187,10 +187,7 @@ def _train(ctx: _Context, role: str, model, *, init_variables=None,
   size = ctx.image_size
   state = create_train_state(model, jax.random.key(seed), (1, size, size, 3), tx)
   if init_variables is not None:
-    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), init_variables["params"])
-    stats = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32),
-                         init_variables.get("batch_stats", {}))
-    state = state.replace(params=params, batch_stats=stats, opt_state=tx.init(params))
+    state = with_variables(state, init_variables, tx)
   state = replicate(state, mesh)
 
   # warmup_epochs (DKD's warm-up in epochs) becomes steps of this stage's epochs.
@@ -579,12 +576,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     _log("rerun with settings that change no result: " + "; ".join(harmless))
 
   if all(wd.done(s) for s in STAGES if s != "export"):
-    if _export_wanted(config)[1]:
-      _skip(wd, "export", _export_wanted(config)[1])
-  if all(wd.done(s) for s in STAGES if s != "export") and _export_done(wd, config):
-    report = json.loads((wd.path / "report.json").read_text())
-    print((wd.path / "report.md").read_text())
-    return report
+    why_no_export = _export_wanted(config)[1]
+    if why_no_export:
+      _skip(wd, "export", why_no_export)
+    if _export_done(wd, config):
+      report = json.loads((wd.path / "report.json").read_text())
+      print((wd.path / "report.md").read_text())
+      return report
 
   source = _get_source(config)
   wd.check_dataset(source)

@@ -49,7 +49,7 @@ from jaxkd.train.state import TrainState, abstract_state
 if TYPE_CHECKING:
   from jaxkd.train.checkpoint import PreemptionFlag
 
-__all__ = ["FitSpec", "FitResult", "NonFiniteLossError", "MetricsWriter", "fit", "read_metrics"]
+__all__ = ["FitSpec", "FitResult", "NonFiniteLossError", "MetricsWriter", "fit"]
 
 PyTree = Any
 
@@ -219,14 +219,6 @@ class MetricsWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
-
-
-def read_metrics(stage_dir: pathlib.Path) -> list[dict]:
-  """The records of <stage_dir>/metrics.jsonl (empty list if none)."""
-  path = pathlib.Path(stage_dir) / "metrics.jsonl"
-  if not path.exists():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _truncate_metrics_after(path: pathlib.Path, step: int) -> None:
