@@ -22,16 +22,17 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
-
 
 def image_paths(paths: Iterable[str | os.PathLike]) -> list[pathlib.Path]:
-  """Files as given, folders expanded to their images (sorted, recursive)."""
+  """Files as given, folders expanded to their images (sorted, recursive), with the image-folder
+  source's rules: its file extensions, hidden files left out."""
+  from jaxkd.data.sources import IMAGE_EXTENSIONS
+  from jaxkd.data.user_folders import is_hidden
   out = []
   for p in map(pathlib.Path, paths):
     if p.is_dir():
       out.extend(sorted(f for f in p.rglob("*") if f.is_file()
-                        and f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith(".")))
+                        and f.suffix.lower() in IMAGE_EXTENSIONS and not is_hidden(f.name)))
     elif p.exists():
       out.append(p)
     else:
