@@ -71,7 +71,9 @@ class Key:
   choices: allowed values (for tuples: of each item).
   bounds: a range such as '> 0', '>= 0', '(0, 1)', '[0, 1)' (for tuples: of each item).
   optional: None is allowed (its meaning is in `meaning`).
-  schedule: a callable `step -> value` is allowed too (loss hyper-parameters).
+  schedule: a schedule spec string ('linear(10,1)', 'progressive', 'warmup(20ep)', ...;
+    `jaxkd.schedules.parse`) or a callable `step -> value` is allowed too (loss
+    hyper-parameters).
   item, length: a tuple's item type and length (None: any).
   result: whether the key can change a number of the report (False: parallelism, logging,
     checkpoint cadence, locations, presentation).
@@ -241,8 +243,9 @@ _LOSS = [
        schedule=True),
     _k("alpha", "float", 1.0, "DKD weight of the target-class term (TCKD)", schedule=True),
     _k("beta", "float", 8.0, "DKD weight of the non-target-class term (NCKD)", schedule=True),
-    _k("warmup", "int", 0, "linear warm-up of the distillation term (0: off)", "steps",
-       bounds=">= 0", schedule=True),
+    _k("warmup", "int", 0,
+       "weight of the distillation term: an int is DKD's linear warm-up over that many steps "
+       "(0: off)", "steps", bounds=">= 0", schedule=True),
     _k("warmup_epochs", "float", 0.0, "the same warm-up in epochs (replaces warmup when > 0)",
        "epochs", bounds=">= 0"),
     _k("perception", "bool", False, "perception reconstruction of both logits before distilling"),
@@ -251,8 +254,13 @@ _LOSS = [
        "logit standardisation before distilling (kind 'lskd' sets it)"),
     _k("standardize_eps", "float", 1e-7, "epsilon of logit standardisation", bounds="> 0"),
     _k("feature_losses", "tuple", (),
-       "feature terms: dicts of kind ('at'/'hint'/'mmd'), student_key, teacher_key, weight "
+       "feature terms: dicts of kind ('at'/'hint'/'mmd'/'fitnet'/'lstm'), student_key, "
+       "teacher_key, weight (a number or a schedule spec); 'lstm' also channels, hidden "
        "(need student.teacher='online')", item="any"),
+    _k("phases", "tuple", (),
+       "staged distillation: which terms (ce, kd, features, lstm, all) are active when, e.g. "
+       "('features until 20ep', 'features+lstm until 50ep', 'all'); (): all terms throughout",
+       item="str"),
 ]
 
 # Every option a model factory in jaxkd.models takes; None = the model's own default. Which model
@@ -316,6 +324,10 @@ _STUDENT_ONLY = [
     _k("teacher", "str", "stored",
        "the teacher's logits: precomputed store, teacher run on the same augmented batch, or "
        "none (CE only)", choices=("stored", "online", "none")),
+    _k("extra_teachers", "tuple", (),
+       "more teachers beside config.teacher: finished jaxkd workdirs (their teacher; "
+       "'WORKDIR:student' for their student); the student distils from the mean of all the "
+       "teachers' probabilities", item="str"),
 ]
 
 _TEACHER_LOGITS = [
@@ -477,6 +489,8 @@ def changes_result(path: str) -> bool:
 
 def _field(key: Key) -> Any:
   value = key.default
+  if key.schedule:  # a number or a schedule spec string: a field of any type
+    return ml_collections.FieldReference(value, field_type=object)
   if value is None:
     return placeholder(_PY_TYPES.get(key.type, object))
   if key.type == "dict":
@@ -723,6 +737,9 @@ def _check_value(key: Key, value: Any) -> None:
     return
   if key.schedule and callable(value):
     return
+  if key.schedule and isinstance(value, str):
+    _check_spec(key, value)
+    return
   unit = f" [{key.unit}]" if key.unit else ""
   if not _type_ok(key.type, value):
     raise ConfigError(f"{where} must be {_ARTICLE[key.type]}{unit}: {key.meaning}")
@@ -746,6 +763,34 @@ def _check_value(key: Key, value: Any) -> None:
         if not math.isfinite(x) or not _in_bounds(key.bounds, x):
           raise ConfigError(f"{where} {_bounds_text(key.bounds)}" +
                             (f" (item {x!r})" if key.type == "tuple" else ""))
+
+
+def _check_spec(key: Key, spec: str) -> None:
+  """A schedule spec string: its syntax (jaxkd.schedules, the one parser), then the key's bounds
+  at the values the schedule takes (its start, end and the values between: every spec is
+  piecewise linear, so those bound it)."""
+  from jaxkd import schedules
+  where = f"config.{key.path}"
+  try:
+    schedules.check(spec, key=where)
+    if not key.bounds:
+      return
+    total, per_epoch = 1000, 10  # any stage: the values a spec takes do not depend on its length
+    schedule = schedules.parse(spec, key=where, total_steps=total, steps_per_epoch=per_epoch)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if isinstance(schedule, schedules.AccuracyRule):
+    values = [(v, "after a validation") for v in schedule.values]
+  elif callable(schedule):
+    steps = (0, 1, total // 2, total, 10**9)
+    values = [(float(schedule(s)), "at the start" if s == 0 else "at the end" if s >= total
+               else "during the stage") for s in steps]
+  else:
+    values = [(float(schedule), "")]
+  for v, when in values:
+    if not _in_bounds(key.bounds, v):
+      raise ConfigError(f"{where}={spec!r} takes the value {v:g}{' ' + when if when else ''}; "
+                        f"{key.name} {_bounds_text(key.bounds)}")
 
 
 def check_values(config: Any) -> None:
@@ -814,11 +859,13 @@ def _validate_stage(stage_config, where: str, num_devices: int) -> None:
     raise ConfigError(f"{where}.handoff='best' with {where}.epochs=0: the stage trains no "
                       "checkpoint to choose from; use 'last' (the imported weights as they are)")
   try:
-    loss_config = LossConfig.from_config(stage_config.loss)
+    loss_config = LossConfig.from_config(stage_config.loss, where=f"{where}.loss")
   except (ValueError, TypeError) as e:
-    raise ConfigError(f"{where}.loss: {e}") from e
+    text = str(e)
+    raise ConfigError(text if text.startswith(f"{where}.loss.") else f"{where}.loss: {text}"
+                      ) from e
   t = loss_config.temperature
-  if not callable(t) and float(t) <= 0:
+  if isinstance(t, (int, float)) and float(t) <= 0:
     raise ConfigError(f"{where}.loss.temperature={t} must be > 0")
 
 
@@ -868,6 +915,15 @@ def validate(config, *, num_devices: int | None = None) -> None:
       if loss_config.feature_losses and source != "online":
         raise ConfigError("feature losses need the teacher's features: set "
                           "config.student.teacher='online'")
+    extra = tuple(config.student.get("extra_teachers") or ())
+    if extra:
+      from jaxkd.workdir import check_teacher_entry
+      if not loss_config.distills:
+        raise ConfigError(f"config.student.extra_teachers={extra!r}: the student's loss "
+                          f"(kind={loss_config.kind!r}) has no logit distillation term to average "
+                          "the teachers into; use kind 'kd', 'dkd' or 'lskd', or remove them")
+      for entry in extra:
+        check_teacher_entry(entry, "config.student.extra_teachers")
     if AugmentConfig.from_mapping(config.augment).mixing:
       from jaxkd.train.step import check_mixing_supported
       try:
@@ -965,6 +1021,10 @@ def _explain(key: Key) -> str:
     text += f"; {'one of' if key.strict else 'built in:'} {', '.join(repr(c) for c in key.choices)}"
   if key.bounds:
     text += f"; {key.bounds}" if key.bounds[0] in "<>" else f"; in {key.bounds}"
+  if key.schedule:
+    text += "; or a schedule: 'linear(a,b[,DUR])', 'warmup(DUR[,v])'" + (
+        ", 'progressive'" if key.name in ("temperature", "kd_alpha") else "") + (
+        ", 'from_accuracy'" if key.name == "temperature" else "") + " (DUR: 20ep, 500steps, 50%)"
   return text
 
 

@@ -60,12 +60,15 @@ from jaxkd.workdir import (
 __all__ = ["STAGES", "Trained", "run", "validate", "compute_dtype", "ConfigError"]
 
 STAGES = ("teacher", "teacher_logits", "student", "evaluate", "export", "report")
+_HEADS_SEED = 0x68656164  # folded into the seed's key for the distillation heads' initialisation
 
 
 class Trained(NamedTuple):
-  """What a model stage hands on: the model (built once per run) and its variables."""
+  """What a model stage hands on: the model (built once per run), its variables and its registered
+  name (config.<role>.model)."""
   model: Any
   variables: Any
+  name: str = ""
 
 
 @dataclasses.dataclass
@@ -158,18 +161,21 @@ def _summary(result: dict | None) -> dict | None:
 
 
 def _train(ctx: _Context, role: str, model, *, init_variables=None,
-           online_teacher: Trained | None = None, store=None):
+           online_teachers: list[Trained] | None = None, stores: list | None = None):
   """Trains `model` as stage `role`, saves the variables it hands on and marks the stage; returns
   those variables.
 
   Builds what jaxkd.train.loop.fit runs: the train state (initialised from `seed`, then the
-  pretrained variables, replicated on the mesh), the optimizer and its schedule, the train step,
-  the training batches from any step (tf.data; the stored teacher logits joined by key), and the
-  evaluation on val.
+  pretrained variables, plus the distillation heads of 'fitnet' / 'lstm' feature terms,
+  replicated on the mesh), the optimizer and its schedule, the loss with its schedules resolved
+  for this stage's length, the train step, the training batches from any step (tf.data; the
+  stored teacher logits of every teacher joined by key), and the evaluation on val.
+  `online_teachers` / `stores`: the teachers run on each batch, or their stored logits (one
+  store per teacher), in the order config.teacher, then config.student.extra_teachers.
   """
   from jaxkd.data import pipeline
   from jaxkd.train import evaluate as evaluate_lib
-  from jaxkd.train import optim
+  from jaxkd.train import heads, optim
   from jaxkd.train.loop import FitSpec, fit
   from jaxkd.train.state import create_train_state, with_variables
   from jaxkd.train.step import make_eval_step, make_train_step
@@ -184,25 +190,35 @@ def _train(ctx: _Context, role: str, model, *, init_variables=None,
   tx, schedule = optim.build_optimizer(stage.optimizer, total_steps=max(spec.total_steps, 1),
                                        steps_per_epoch=steps_per_epoch)
 
+  # Schedule specs and warmup_epochs become schedules over this stage's steps.
+  loss_config = LossConfig.from_config(stage.loss, steps_per_epoch=steps_per_epoch,
+                                       total_steps=max(spec.total_steps, 1),
+                                       where=f"config.{role}.loss")
   size = ctx.image_size
   state = create_train_state(model, jax.random.key(seed), (1, size, size, 3), tx)
   if init_variables is not None:
     state = with_variables(state, init_variables, tx)
+  if loss_config.head_losses:
+    state = heads.add_heads(state, loss_config, model, online_teachers[0].model, image_size=size,
+                            rng=jax.random.fold_in(jax.random.key(seed), _HEADS_SEED), tx=tx)
+    sizes = heads.count_parameters(state)
+    _log(f"{role}: distillation heads {[f.name for f in loss_config.head_losses]}: "
+         f"{sizes['trained']:,} trained and {sizes['frozen']:,} frozen parameters (not part of "
+         "the student)")
   state = replicate(state, mesh)
 
-  # warmup_epochs (DKD's warm-up in epochs) becomes steps of this stage's epochs.
-  loss_config = LossConfig.from_config(stage.loss, steps_per_epoch=steps_per_epoch)
   train_step = make_train_step(model, loss_config, tx, mesh, learning_rate_fn=schedule,
-                               teacher_model=None if online_teacher is None
-                               else online_teacher.model)
+                               teacher_model=None if not online_teachers
+                               else [t.model for t in online_teachers])
   needs_teacher = train_step.loss_config.needs_teacher
-  if needs_teacher and online_teacher is None and store is None:
+  if needs_teacher and not online_teachers and not stores:
     raise ValueError(f"{role}: loss {train_step.loss_config.kind!r} needs a teacher: stored "
                      "logits or an online teacher")
   lookup = None
-  if needs_teacher and online_teacher is None:
-    from jaxkd.data.teacher_logits import tf_lookup
-    lookup = tf_lookup(store)
+  if needs_teacher and not online_teachers:
+    from jaxkd.data.teacher_logits import stacked_lookup, tf_lookup
+    lookup = (tf_lookup(stores[0]) if len(stores) == 1
+              else stacked_lookup([tf_lookup(s) for s in stores]))
   augment = dict(config.augment)
   num_parallel_calls = config.data.num_parallel_calls
 
@@ -227,11 +243,14 @@ def _train(ctx: _Context, role: str, model, *, init_variables=None,
                                    total=total, desc=f"{role} eval {split}",
                                    progress=ctx.progress)
 
+  teacher_variables = None
+  if online_teachers:
+    teacher_variables = [replicate(t.variables, mesh) for t in online_teachers]
+    teacher_variables = (teacher_variables[0] if len(teacher_variables) == 1
+                         else tuple(teacher_variables))
   result = fit(state, train_step, spec, stage_dir=ctx.workdir.path / role,
                train_batches=train_batches, evaluate=evaluate,
-               teacher_variables=None if online_teacher is None
-               else replicate(online_teacher.variables, mesh),
-               stop=ctx.stop)
+               teacher_variables=teacher_variables, stop=ctx.stop)
   which = stage.handoff
   variables = result.variables(which)
   ctx.workdir.save_variables(role, variables)
@@ -253,14 +272,14 @@ def _teacher(ctx: _Context) -> Trained | None:
     return None
   model = ctx.models["teacher"]
   if wd.done("teacher"):
-    return Trained(model, wd.load_variables("teacher", model, ctx.image_size))
+    return Trained(model, wd.load_variables("teacher", model, ctx.image_size), stage.model)
   init = _pretrained_variables(ctx, "teacher", model)
   if int(stage.epochs) == 0:
     wd.save_variables("teacher", init)
     wd.mark("teacher", {"steps": 0, "val": None, "pretrained": stage.pretrained})
-    return Trained(model, init)
+    return Trained(model, init, stage.model)
   _log(f"teacher: training {stage.model} for {_steps_text(ctx.source, stage)}")
-  return Trained(model, _train(ctx, "teacher", model, init_variables=init))
+  return Trained(model, _train(ctx, "teacher", model, init_variables=init), stage.model)
 
 
 def _store_root(ctx: _Context) -> pathlib.Path:
@@ -304,14 +323,75 @@ def _check_store_writable(ctx: _Context) -> None:
                       "folder") from None
 
 
-def _teacher_logits(ctx: _Context, teacher: Trained | None):
-  """Stage 2: the teacher's logits of the training split in the store (precomputed, or opened when
-  present), when the student learns from stored logits; else None."""
+def _extra_teachers(ctx: _Context) -> list[Trained]:
+  """The finished teachers of config.student.extra_teachers (other workdirs), built and loaded in
+  this run's compute dtype; [] when there are none or the student is done or disabled."""
+  from jaxkd.workdir import load_variables, split_teacher_entry
+  config = ctx.config
+  entries = tuple(config.student.get("extra_teachers") or ())
+  if not (config.student.enabled and entries) or ctx.workdir.done("student"):
+    return []
+  out = []
+  for entry in entries:
+    path, role = split_teacher_entry(entry)
+    model, variables, old = load_variables(path, role, dtype=compute_dtype(config))
+    classes = json.loads((path / "dataset.json").read_text())["num_classes"]
+    if classes != ctx.source.num_classes:
+      raise ConfigError(f"config.student.extra_teachers: {entry!r} has {classes} classes, the "
+                        f"data has {ctx.source.num_classes}; use teachers trained on the same "
+                        "classes")
+    _log(f"student: extra teacher {old[role].model} ({role} of {path})")
+    out.append(Trained(model, variables, old[role].model))
+  return out
+
+
+def _store(ctx: _Context, teacher: Trained):
+  """The store of `teacher`'s logits of the training split: opened when present, else
+  precomputed (resumable)."""
   from jaxkd import teacher_store
   from jaxkd.data import pipeline
   from jaxkd.train.step import make_logits_fn
 
-  config, wd, source = ctx.config, ctx.workdir, ctx.source
+  config, source = ctx.config, ctx.source
+  tid = teacher_store.teacher_id(teacher.name, teacher.variables)
+  split = "train"
+  store_dir = teacher_store.store_path(_store_root(ctx), source.name, source.version, tid, split)
+  expect = dict(dataset=source.name, version=source.version, split=split,
+                num_classes=source.num_classes, teacher_id=tid,
+                preprocessing=_preprocessing(config))
+  hint = (f"delete the folder {store_dir} (and {teacher_store.partial_path(store_dir).name} "
+          "beside it, if present) and rerun the same command: the next run recomputes it")
+  if store_dir.exists():
+    return teacher_store.TeacherStore.open(store_dir, expect=expect, hint=hint)
+  _log(f"teacher_logits: precomputing {tid} on {source.name}/{split} into {store_dir}")
+  logits_fn = make_logits_fn(teacher.model, ctx.mesh)
+  variables = replicate(teacher.variables, ctx.mesh)
+  batch_size = int(config.teacher_logits.batch_size)
+
+  def batches(start_batch: int = 0):
+    it = pipeline.eval_batches(source, split, global_batch_size=batch_size,
+                               augment=dict(config.augment), image_size=ctx.image_size,
+                               num_parallel_calls=config.data.num_parallel_calls,
+                               start_batch=start_batch)
+    for i, b in enumerate(it, start_batch):
+      ctx.check_stop(f"during the teacher-logit precompute (batch {i}); the finished batches "
+                     "are kept")
+      yield b
+
+  return teacher_store.precompute(
+      batches, lambda images: logits_fn(variables, images), dataset=source.name,
+      version=source.version, split=split, teacher_id=tid,
+      num_examples=source.num_examples(split), num_classes=source.num_classes,
+      class_names=list(source.class_names), preprocessing=_preprocessing(config),
+      teacher_info={"model": teacher.name}, store_dir=store_dir,
+      dtype=config.teacher_logits.dtype, progress=ctx.progress, hint=hint)
+
+
+def _teacher_logits(ctx: _Context, teachers: list[Trained]):
+  """Stage 2: each teacher's logits of the training split in its store (precomputed, or opened
+  when present), when the student learns from stored logits: the list of stores, in the order of
+  `teachers`; else None."""
+  config, wd = ctx.config, ctx.workdir
   if not config.student.enabled:
     _skip(wd, "teacher_logits", "config.student.enabled is False")
     return None
@@ -321,64 +401,36 @@ def _teacher_logits(ctx: _Context, teacher: Trained | None):
     return None
   if wd.done("student"):
     return None  # the student that reads them has finished
-
-  tid = teacher_store.teacher_id(config.teacher.model, teacher.variables)
-  split = "train"
-  store_dir = teacher_store.store_path(_store_root(ctx), source.name, source.version, tid, split)
-  expect = dict(dataset=source.name, version=source.version, split=split,
-                num_classes=source.num_classes, teacher_id=tid,
-                preprocessing=_preprocessing(config))
-  hint = (f"delete the folder {store_dir} (and {teacher_store.partial_path(store_dir).name} "
-          "beside it, if present) and rerun the same command: the next run recomputes it")
-  if store_dir.exists():
-    store = teacher_store.TeacherStore.open(store_dir, expect=expect, hint=hint)
-  else:
-    _log(f"teacher_logits: precomputing {tid} on {source.name}/{split} into {store_dir}")
-    logits_fn = make_logits_fn(teacher.model, ctx.mesh)
-    variables = replicate(teacher.variables, ctx.mesh)
-    batch_size = int(config.teacher_logits.batch_size)
-
-    def batches(start_batch: int = 0):
-      it = pipeline.eval_batches(source, split, global_batch_size=batch_size,
-                                 augment=dict(config.augment), image_size=ctx.image_size,
-                                 num_parallel_calls=config.data.num_parallel_calls,
-                                 start_batch=start_batch)
-      for i, b in enumerate(it, start_batch):
-        ctx.check_stop(f"during the teacher-logit precompute (batch {i}); the finished batches "
-                       "are kept")
-        yield b
-
-    store = teacher_store.precompute(
-        batches, lambda images: logits_fn(variables, images), dataset=source.name,
-        version=source.version, split=split, teacher_id=tid,
-        num_examples=source.num_examples(split), num_classes=source.num_classes,
-        class_names=list(source.class_names), preprocessing=_preprocessing(config),
-        teacher_info={"model": config.teacher.model}, store_dir=store_dir,
-        dtype=config.teacher_logits.dtype, progress=ctx.progress, hint=hint)
+  stores = [_store(ctx, teacher) for teacher in teachers]
   if not wd.done("teacher_logits"):
-    wd.mark("teacher_logits", {"store": str(store.path), "teacher_id": store.teacher_id})
-  return store
+    info = {"store": str(stores[0].path), "teacher_id": stores[0].teacher_id}
+    if len(stores) > 1:
+      info["stores"] = [{"store": str(s.path), "teacher_id": s.teacher_id} for s in stores]
+    wd.mark("teacher_logits", info)
+  return stores
 
 
-def _student(ctx: _Context, teacher: Trained | None, store) -> Trained | None:
-  """Stage 3: the student, distilled from the stored logits (`store`), the online `teacher`, or CE
-  only; loaded when finished; None when config.student.enabled is False."""
+def _student(ctx: _Context, teachers: list[Trained], stores) -> Trained | None:
+  """Stage 3: the student, distilled from the stored logits (`stores`), the online `teachers`
+  (config.teacher, then config.student.extra_teachers), or CE only; loaded when finished; None
+  when config.student.enabled is False."""
   wd, stage = ctx.workdir, ctx.config.student
   if not stage.enabled:
     _skip(wd, "student", "config.student.enabled is False")
     return None
   model = ctx.models["student"]
   if wd.done("student"):
-    return Trained(model, wd.load_variables("student", model, ctx.image_size))
+    return Trained(model, wd.load_variables("student", model, ctx.image_size), stage.model)
   loss = LossConfig.from_config(stage.loss)
   teacher_source = _teacher_source(ctx.config)
+  several = f", {len(teachers)} teachers" if len(teachers) > 1 and loss.distills else ""
   _log(f"student: training {stage.model} with loss {loss.kind}"
-       f"{' + perception' if loss.perception else ''} (teacher: {teacher_source}) for "
+       f"{' + perception' if loss.perception else ''} (teacher: {teacher_source}{several}) for "
        f"{_steps_text(ctx.source, stage)}")
   init = _pretrained_variables(ctx, "student", model)
-  online = teacher if teacher_source == "online" else None
-  return Trained(model, _train(ctx, "student", model, init_variables=init, online_teacher=online,
-                               store=store))
+  online = teachers if teacher_source == "online" else None
+  return Trained(model, _train(ctx, "student", model, init_variables=init,
+                               online_teachers=online, stores=stores), stage.model)
 
 
 def _evaluate(ctx: _Context, trained: dict[str, Trained]) -> dict:
@@ -391,7 +443,7 @@ def _evaluate(ctx: _Context, trained: dict[str, Trained]) -> dict:
   out_dir = ctx.workdir.path / "eval"
   out_dir.mkdir(exist_ok=True)
   bs = int(ctx.config.evaluate.batch_size)
-  for role, (model, variables) in trained.items():
+  for role, (model, variables, _) in trained.items():
     eval_step = make_eval_step(model, ctx.mesh)
     on_mesh = replicate(variables, ctx.mesh)
     for split in ctx.eval_splits():
@@ -461,7 +513,7 @@ def _export(ctx: _Context, trained: dict[str, Trained]) -> list[dict]:
     _skip(wd, "export", why)
     return []
   role = config.export.role
-  model, variables = trained[role]
+  model, variables = trained[role].model, trained[role].variables
   aug = config.augment
   deployable = export_lib.Deployable(
       model=model, variables=jax.device_get(variables), model_name=str(config[role].model),
@@ -516,9 +568,10 @@ def _report(ctx: _Context, results: dict, exports: list[dict]) -> dict:
 def _run_stages(ctx: _Context) -> dict:
   teacher = _teacher(ctx)
   ctx.check_stop("after the teacher stage")
-  store = _teacher_logits(ctx, teacher)
+  teachers = ([] if teacher is None else [teacher]) + _extra_teachers(ctx)
+  stores = _teacher_logits(ctx, teachers)
   ctx.check_stop("after the teacher-logit precompute")
-  student = _student(ctx, teacher, store)
+  student = _student(ctx, teachers, stores)
   ctx.check_stop("after the student stage")
   trained = {role: t for role, t in (("teacher", teacher), ("student", student)) if t is not None}
   results = _evaluate(ctx, trained)
@@ -554,6 +607,12 @@ def _check_training(config, wd: Workdir, source) -> None:
     if stage.handoff == "best" and _eval_split(source) is None:
       raise ConfigError(f"config.{role}.handoff='best' chooses by val top-1, but the data has no "
                         f"val split ({', '.join(source.splits)}); use 'last'")
+    adaptive = [name for name, value in LossConfig.from_config(stage.loss).specs().items()
+                if value == "from_accuracy"]
+    if adaptive and _eval_split(source) is None:
+      raise ConfigError(f"config.{role}.loss.{adaptive[0]}='from_accuracy' is set from the val "
+                        f"top-1, but the data has no val split ({', '.join(source.splits)}); use "
+                        "a number or a schedule of the step")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,

@@ -62,6 +62,7 @@ __all__ = [
     "attention_transfer_loss",
     "hint_loss",
     "mmd_loss",
+    "lstm_state_loss",
     "weighted_mean",
 ]
 
@@ -639,3 +640,37 @@ def mmd_loss(student_feat: Array, teacher_feat: Array, *, kernel: str = "rbf",
     return jnp.sum(w[:, None] * w[None, :] * k(x, y))
 
   return expect(s, s) + expect(t, t) - 2.0 * expect(s, t)
+
+
+def _safe_norm(x: Array) -> Array:
+  """Euclidean norm over every axis but the first, with gradient 0 (not NaN) where it is 0.
+
+  d sqrt(q) / dq is infinite at q = 0, which autodiff turns into 0 * inf = NaN; the
+  double `where` keeps sqrt's argument positive on that branch, so the gradient there is 0
+  (a subgradient of the norm at 0).
+  """
+  q = jnp.sum(jnp.square(x).reshape(x.shape[0], -1), axis=-1)
+  positive = q > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, q, 1.0)), 0.0)
+
+
+def lstm_state_loss(h_s: Array, c_s: Array, h_t: Array, c_t: Array, *,
+                    weights: Array | None = None) -> Array:
+  """LSTM state matching (KAKAKA, "An innovative image classification scheme based on LSTM
+  knowledge distillation", 2025 developer article, in Chinese).
+
+    L_i = ||h_s,i - h_t,i||_2 + ||c_s,i - c_t,i||_2,
+
+  per example i, each norm over every axis but the batch axis (the Euclidean norm of the
+  flattened state, not squared), then the weighted mean over the batch. `h_*`, `c_*` are the
+  final hidden and cell states of the student's and the teacher's LSTM encoders
+  (`jaxkd.models.distill.LSTMStateEncoder`, [batch, ...], all four of one shape). Computed
+  in float32. Where a difference is exactly 0 its norm's gradient is 0, not NaN.
+  """
+  _check_pair(h_s, h_t, "LSTM hidden states")
+  _check_pair(c_s, c_t, "LSTM cell states")
+  if h_s.shape != c_s.shape or h_s.ndim < 1:
+    raise ValueError(f"lstm_state_loss expects hidden and cell states of one shape [batch, ...], "
+                     f"got h {h_s.shape} and c {c_s.shape}")
+  per_example = _safe_norm(_f32(h_s) - _f32(h_t)) + _safe_norm(_f32(c_s) - _f32(c_t))
+  return weighted_mean(per_example, weights)

@@ -203,6 +203,26 @@ def check_reusable_teacher(old: pathlib.Path, stage_config, num_classes: int) ->
                         "same classes")
 
 
+def split_teacher_entry(entry: str) -> tuple[pathlib.Path, str]:
+  """'WORKDIR' or 'WORKDIR:teacher' -> (WORKDIR, 'teacher'); 'WORKDIR:student' -> its student (an
+  entry of config.student.extra_teachers)."""
+  path, role = entry, "teacher"
+  for r in schema.ROLES:
+    if entry.endswith(f":{r}"):
+      path, role = entry[:-len(r) - 1], r
+  return pathlib.Path(os.path.expanduser(path)), role
+
+
+def check_teacher_entry(entry: str, key: str) -> None:
+  """Refuses an extra teacher that is not the finished stage of a workdir (ConfigError naming `key`
+  and the entry)."""
+  path, role = split_teacher_entry(entry)
+  if not ((path / "stages" / f"{role}.json").is_file() and variables_dir(path, role).is_dir()):
+    raise ConfigError(f"{key}: {entry!r} is not a jaxkd workdir with a finished {role} stage "
+                      f"(resolved to {path.resolve()}); give the workdir of a finished run, with "
+                      "':student' to use its student")
+
+
 def load_variables(workdir: str | os.PathLike, role: str, *,
                    dtype: Any = None) -> tuple[Any, dict, ml_collections.ConfigDict]:
   """(model, variables, config) of the finished `role` stage ('teacher' or 'student') of a workdir.

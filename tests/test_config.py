@@ -18,7 +18,7 @@ from jaxkd import config as schema
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted(p for p in (ROOT / "configs").glob("*.py")
-                      if p.name not in ("__init__.py", "common.py", "cifar100_common.py"))
+                      if p.name != "__init__.py" and not p.name.endswith("common.py"))
 MINI = str(ROOT / "configs" / "food101_mini.py")
 
 

@@ -107,7 +107,8 @@ def _mesh_devices(mesh: jax.sharding.Mesh | None, axis: str) -> int | None:
 def _join_teacher(batch: dict[str, tf.Tensor], teacher_lookup: TeacherLookup, local: int,
                   num_classes: int) -> dict[str, tf.Tensor]:
   logits = tf.cast(teacher_lookup(batch["key"]), tf.float32)
-  logits = tf.ensure_shape(logits, [local, num_classes])
+  # [B, C] for one teacher, [B, K, C] for K teachers (`teacher_logits.stacked_lookup`).
+  logits = tf.ensure_shape(logits, [local] + [None] * (logits.shape.rank - 2) + [num_classes])
   return {**batch, "teacher_logits": logits}
 
 

@@ -1,4 +1,5 @@
-"""Stored teacher logits inside tf.data: `tf_lookup(store)` joins a store's rows by example key.
+"""Stored teacher logits inside tf.data: `tf_lookup(store)` joins a store's rows by example key;
+`stacked_lookup` joins several teachers' stores at once.
 
 `tf_lookup(store)` returns the function `pipeline.train_batches(..., teacher_lookup=...)` takes:
 tf.string keys of any shape S -> float32 logits [*S, num_classes]. The store itself
@@ -93,5 +94,18 @@ def tf_lookup(store: TeacherStore, *, backend: str = "memory") -> Callable[[tf.T
     out = tf.cast(tf.gather(values, idx), tf.float32)
     out.set_shape(keys.shape.concatenate([c]))
     return out
+
+  return lookup
+
+
+def stacked_lookup(lookups: list[Callable[[tf.Tensor], tf.Tensor]]
+                   ) -> Callable[[tf.Tensor], tf.Tensor]:
+  """Several teachers' lookups (`tf_lookup` of each store) as one: keys of shape S -> float32
+  [*S, K, num_classes], teacher k's logits at index k (the order of `lookups`)."""
+  if not lookups:
+    raise ValueError("stacked_lookup needs at least one lookup")
+
+  def lookup(keys):
+    return tf.stack([one(keys) for one in lookups], axis=-2)
 
   return lookup

@@ -33,9 +33,10 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
 
-from jaxkd.train.state import abstract_state
+from jaxkd.train.state import TrainState, abstract_state
 
 __all__ = ["Checkpointer", "PreemptionFlag", "StopRequested", "install_sigterm_handler",
            "install_stop_handler"]
@@ -208,10 +209,25 @@ class Checkpointer:
         raise FileNotFoundError(f"no checkpoint in {self.directory}")
     abstract = jax.tree.map(
         lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else abstract_state(x), target)
+    # A checkpoint from before TrainState had `heads` (the distillation heads) restores onto a
+    # target without them, when the target has none either.
+    legacy = (isinstance(target, TrainState) and not target.heads
+              and "heads" not in self._saved_fields(step))
+    if legacy:
+      abstract = {f: getattr(abstract, f) for f in ("step", "params", "batch_stats", "opt_state",
+                                                    "rng")}
     restored = self._manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                       position=ocp.args.JsonRestore()))
-    return restored["state"], dict(restored["position"])
+    state = restored["state"]
+    if legacy:
+      state = target.replace(**state, heads={})
+    return state, dict(restored["position"])
+
+  def _saved_fields(self, step: int) -> set[str]:
+    """The top-level names of the state saved at `step` (TrainState's fields)."""
+    path = os.path.join(self.directory, str(step), "state")
+    return set(ocp.StandardCheckpointHandler().metadata(epath.Path(path)).tree)
 
   def restore_latest(self, target: PyTree) -> tuple[PyTree, dict] | None:
     """(state, position) from the latest checkpoint, or None if there is none (fresh start)."""

@@ -23,9 +23,11 @@ Building a stage from its config (what jaxkd.experiment does):
     spec = FitSpec.from_config(stage, steps_per_epoch=spe, seed=seed, desc='student')
     tx, schedule = optim.build_optimizer(stage.optimizer, total_steps=max(spec.total_steps, 1),
                                          steps_per_epoch=spe)
+    loss = LossConfig.from_config(stage.loss, steps_per_epoch=spe,
+                                  total_steps=max(spec.total_steps, 1))  # schedule specs resolved
     state = create_train_state(model, jax.random.key(seed), (1, size, size, 3), tx)
-    state = replicate(state, mesh)           # after with_variables(state, pretrained, tx), if any
-    loss = LossConfig.from_config(stage.loss, steps_per_epoch=spe)
+    # then with_variables(state, pretrained, tx) and heads.add_heads(state, loss, ...), if any
+    state = replicate(state, mesh)
     train_step = make_train_step(model, loss, tx, mesh, learning_rate_fn=schedule)
     result = fit(state, train_step, spec, stage_dir=..., train_batches=..., evaluate=...)
 """
@@ -254,14 +256,19 @@ class _QuietProgress:
           f"{left / 60:.1f} min left", flush=True)
 
 
-def _mean_checked(pending: list[dict], step: int, desc: str, checkpoints: str) -> dict:
-  """Host means of the metrics of the steps up to `step`; NonFiniteLossError on a NaN/Inf loss."""
+def _mean_checked(pending: list[dict], step: int, desc: str, checkpoints: str,
+                  current: tuple[str, ...] = ()) -> dict:
+  """Host means of the metrics of the steps up to `step`; NonFiniteLossError on a NaN/Inf loss.
+
+  The keys in `current` (hyper-parameters in use) are taken from the last step, not averaged.
+  """
   host = jax.device_get(pending)
   for i, m in enumerate(host):
     value = float(m["loss"])
     if not math.isfinite(value):
       raise NonFiniteLossError(desc, step - len(host) + 1 + i, value, checkpoints)
-  return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+  return {k: float(host[-1][k]) if k in current else float(np.mean([m[k] for m in host]))
+          for k in host[0]}
 
 
 def _checked_val(val: Any, desc: str) -> dict:
@@ -282,7 +289,12 @@ def fit(state: TrainState, train_step: Callable[..., tuple[TrainState, dict]], s
   state: the freshly created TrainState (pretrained variables already in, replicated
     on the mesh); when `<stage_dir>/checkpoints` holds a checkpoint, it is restored
     over this state (its layout is the target) and training continues from its step.
-  train_step: `jaxkd.train.step.make_train_step`'s function (donates its state).
+  train_step: `jaxkd.train.step.make_train_step`'s function (donates its state). Its
+    `adaptive` rules (hyper-parameters set from the validation top-1, such as the
+    'from_accuracy' temperature) are applied after every evaluation and passed to each
+    call as `hparams`; their values in use are saved with every checkpoint (in the
+    position) and restored with it, so a resumed run continues with the same values.
+    Its `current_value_keys` metrics are logged as they are at the log step.
   train_batches: `start_step -> iterator` of on-device batches, the first being the
     batch of step `start_step` (called once, only if there is training left).
   evaluate: `variables -> {'top1', 'top5', 'loss', ...}`, called at the end of every
@@ -316,6 +328,12 @@ def fit(state: TrainState, train_step: Callable[..., tuple[TrainState, dict]], s
     step = int(jax.device_get(state.step))
     if restored is not None and jax.process_index() == 0:
       print(f"[{desc}] resuming from the checkpoint at step {step} of {total}", flush=True)
+    adaptive = dict(getattr(train_step, "adaptive", None) or {})
+    current = tuple(getattr(train_step, "current_value_keys", ()))
+    hparams = {name: float(rule.initial) for name, rule in adaptive.items()}
+    if restored is not None:
+      saved = position.get("hparams", {})
+      hparams.update({k: float(v) for k, v in saved.items() if k in hparams})
 
     def result(val: dict | None) -> FitResult:
       ckpt.wait_until_finished()
@@ -340,23 +358,18 @@ def fit(state: TrainState, train_step: Callable[..., tuple[TrainState, dict]], s
     last_val = None
     while step < total:
       batch = next(batches)
-      state, metrics = train_step(state, batch, teacher_variables)
+      state, metrics = train_step(state, batch, teacher_variables, hparams or None)
       step += 1
       pending.append(metrics)
       bar.update(spec.batch_size)
       epoch_end = step % spe == 0
       if step % spec.log_every_steps == 0 or epoch_end or step == total:
-        mean = _mean_checked(pending, step, desc, ckpt.directory)
+        mean = _mean_checked(pending, step, desc, ckpt.directory, current)
         mean["epoch"] = step / spe
         writer.write(step, mean, kind="train")
         bar.set_postfix(loss=f"{mean['loss']:.4f}", acc=f"{mean['accuracy']:.3f}", refresh=False)
         quiet_log.update(step, mean, force=epoch_end or step == total)
         pending = []
-      position = {"step": step, "epoch": step // spe, "seed": spec.seed}
-      if stop is not None and stop.requested:
-        ckpt.maybe_save(state, position, step=step, force=True)
-        raise StopRequested(stop.signum, f"during {desc} training at step {step}; "
-                            "checkpoint saved")
       saved_metrics = None
       if evaluate is not None and ((epoch_end and (step // spe) % spec.eval_every_epochs == 0)
                                    or step == total):
@@ -369,7 +382,23 @@ def fit(state: TrainState, train_step: Callable[..., tuple[TrainState, dict]], s
         saved_metrics = {f"val_{k}": v for k, v in scalars.items()}
         if "num_examples" in last_val:
           saved_metrics["val_num_examples"] = last_val["num_examples"]
+        for name, rule in adaptive.items():
+          value = float(rule(float(last_val["top1"])))
+          if value != hparams[name]:
+            bar.write(f"{desc}: step {step}: {name} {hparams[name]:g} -> {value:g} (val top-1 "
+                      f"{float(last_val['top1']):.4f}; rule {rule.describe()})")
+            writer.write(step, {name: value, "epoch": step / spe}, kind="hparams")
+          hparams[name] = value
+      position = {"step": step, "epoch": step // spe, "seed": spec.seed}
+      if hparams:
+        position["hparams"] = dict(hparams)
       ckpt.maybe_save(state, position, step=step, metrics=saved_metrics)
+      # A stop request is served after this step's evaluation, so the checkpoint carries the
+      # values an evaluation sets (the 'from_accuracy' temperature).
+      if stop is not None and stop.requested:
+        ckpt.maybe_save(state, position, step=step, force=True)
+        raise StopRequested(stop.signum, f"during {desc} training at step {step}; "
+                            "checkpoint saved")
     return result(last_val)
   finally:
     if bar is not None:

@@ -19,6 +19,7 @@ from jaxkd.config import model_kwargs
 from jaxkd.train.step import LossConfig
 
 __all__ = ["write_report", "describe_run", "reference_for_run", "plot_training_curves",
+           "plot_hyperparameters",
            "plot_confusion", "read_metrics", "deployment_rows", "SUMMARY_FIELDS"]
 
 # The evaluation numbers a report row keeps per split (besides per_class_accuracy), and a
@@ -72,6 +73,40 @@ def plot_training_curves(workdir: pathlib.Path, roles: list[str], path: pathlib.
   return True
 
 
+_HPARAM_KEYS = ("temperature", "kd_alpha", "ce_weight", "kd_weight", "alpha", "beta", "warmup",
+                "phase")
+
+
+def plot_hyperparameters(workdir: pathlib.Path, roles: list[str], path: pathlib.Path) -> bool:
+  """The loss hyper-parameters that changed during training (schedules, the accuracy-driven
+  temperature, the phase of staged distillation) per epoch, one panel each; False if none
+  changed."""
+  panels = []
+  for role in roles:
+    train = [r for r in read_metrics(workdir / role) if r["kind"] == "train"]
+    keys = [k for k in train[0] if k in _HPARAM_KEYS or k.startswith("feature_losses.")] if (
+        train) else []
+    for key in keys:
+      values = [r.get(key) for r in train]
+      if None not in values and len(set(values)) > 1:
+        panels.append((role, key, [r["epoch"] for r in train], values))
+  if not panels:
+    return False
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
+  for ax, (role, key, epochs, values) in zip(axes[0], panels):
+    ax.plot(epochs, values, drawstyle="steps-post" if key == "phase" else "default")
+    ax.set_title(f"{role}: {key}")
+    ax.set_xlabel("epoch")
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return True
+
+
 def plot_confusion(confusion, class_names, title: str, path: pathlib.Path) -> None:
   """Row-normalised confusion matrix (rows: true class); class names shown up to 30 classes."""
   import matplotlib
@@ -106,11 +141,23 @@ def _loss_text(config) -> str:
     parts.append("+ perception reconstruction")
   if loss.get("standardize"):
     parts.append("+ logit standardization")
+  scheduled = [f"{name} {loss.get(name)}" for name in ("temperature", "kd_alpha", "kd_weight",
+                                                       "ce_weight", "alpha", "beta", "warmup")
+               if isinstance(loss.get(name), str)]
+  if scheduled:
+    parts.append(f"({', '.join(scheduled)})")
   feats = loss.get("feature_losses") or ()
   if feats:
-    parts.append("+ features")
+    parts.append("+ features (" + ", ".join(f"{dict(f)['kind']} {dict(f)['student_key']}"
+                                           for f in feats) + ")")
+  if loss.get("phases"):
+    parts.append("in phases " + " / ".join(loss.phases))
   teacher = config.student.get("teacher", "stored")
   source = {"stored": "stored teacher logits", "online": "an online teacher"}.get(teacher, teacher)
+  extra = tuple(config.student.get("extra_teachers") or ())
+  if extra:
+    source = source.replace("an online teacher", "online teachers") + (
+        f" of {len(extra) + 1} teachers (the mean of their probabilities)")
   return " ".join(parts) + f" from {source}"
 
 
@@ -317,6 +364,8 @@ def write_report(config, workdir: pathlib.Path, *, source, results: Mapping[tupl
                         if k not in ("source", "applies_to")) + "."]
   if plot_training_curves(workdir, roles, plots / "training_curves.png"):
     lines += ["", "![training curves](plots/training_curves.png)"]
+  if plot_hyperparameters(workdir, roles, plots / "hyperparameters.png"):
+    lines += ["", "![scheduled hyper-parameters](plots/hyperparameters.png)"]
   for role in roles:
     res = results.get((role, splits[-1]))
     if res is not None:

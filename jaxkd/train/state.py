@@ -34,12 +34,18 @@ class TrainState:
   rng: uint32 [2] raw PRNG key; the step's dropout/augmentation key is
     fold_in(rng, step), so the key never needs updating and a resumed run draws
     the same numbers as an uninterrupted one.
+  heads: the distillation-only modules that train with the model but are not part
+    of it (FitNets regressors, LSTM encoders; `jaxkd.train.heads`): {} when the loss
+    has none, else {'params', 'batch_stats', 'frozen', 'opt_state'} ('frozen': the
+    teacher-side encoders, never updated). `variables()` leaves them out, so the
+    evaluated, handed-on and exported model is the student alone.
   """
   step: jax.Array
   params: PyTree
   batch_stats: PyTree
   opt_state: PyTree
   rng: jax.Array
+  heads: PyTree = flax.struct.field(default_factory=dict)
 
   def variables(self) -> dict[str, PyTree]:
     """The variables dict for `model.apply`."""
@@ -98,7 +104,8 @@ def with_variables(state: TrainState, variables: Mapping[str, PyTree],
 
   'params' and 'batch_stats' (if any) are cast to float32, the optimizer state is
   initialised afresh on the new parameters (`tx.init`), the step and the RNG key are
-  kept. Call it before `replicate`, like `create_train_state` without a mesh.
+  kept, and so are the distillation heads. Call it before `replicate`, like
+  `create_train_state` without a mesh.
   """
   params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), variables["params"])
   stats = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), variables.get("batch_stats", {}))

@@ -121,8 +121,12 @@ PyTree = Any
 TRAIN_BATCH_KEYS = ("image", "label", "weight", "teacher_logits", "soft_label", "mix_lambda",
                     "mix_teacher_logits")
 _KINDS = ("ce", "kd", "dkd", "lskd")
-_FEATURE_KINDS = ("at", "hint", "mmd")
+_FEATURE_KINDS = ("at", "hint", "mmd", "fitnet", "lstm")
+HEAD_KINDS = ("fitnet", "lstm")  # feature terms with their own trained modules (jaxkd.train.heads)
 HPARAM_NAMES = ("ce_weight", "kd_weight", "kd_alpha", "temperature", "alpha", "beta", "warmup")
+# The terms `LossConfig.phases` switches on and off: 'kd' is the logit distillation term (KD or
+# DKD), 'features' every feature term but the LSTM one, 'lstm' the LSTM term.
+PHASE_TERMS = ("ce", "kd", "features", "lstm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,19 +135,32 @@ class FeatureLoss:
 
   kind: 'at' (attention transfer: Zagoruyko & Komodakis, "Paying More Attention
     to Attention", ICLR 2017), 'mmd' (maximum mean discrepancy: Gretton, Borgwardt,
-    Rasch, Schoelkopf, Smola, "A Kernel Two-Sample Test", JMLR 2012) or 'hint'
-    (FitNets' MSE: Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015;
-    only for features of identical shapes, since there is no learned regressor here).
-  weight: float or schedule (e.g. 1000 for AT as in the AT paper's code).
+    Rasch, Schoelkopf, Smola, "A Kernel Two-Sample Test", JMLR 2012), 'hint'
+    (FitNets' MSE between features of identical shapes: Romero, Ballas, Kahou,
+    Chassang, Gatta, Bengio, "FitNets: Hints for Thin Deep Nets", ICLR 2015),
+    'fitnet' (the same MSE after FitNets' learned regressor, a 1x1 convolution +
+    BatchNorm from the student's channels to the teacher's, resized to the
+    teacher's spatial size) or 'lstm' (LSTM state matching: KAKAKA, "An innovative
+    image classification scheme based on LSTM knowledge distillation", 2025, in
+    Chinese; see docs/methods.md). 'fitnet' and 'lstm' train their own modules
+    with the student (`jaxkd.train.heads`); they are not part of the student.
+  weight: a number, a schedule, or a schedule spec (`jaxkd.schedules.parse`).
+  channels, hidden: 'lstm' only: the 3-D convolution's output channels (default
+    256) and the LSTM's hidden size (default 512).
   """
   kind: str
   student_key: str
   teacher_key: str | None = None
   weight: HParam = 1.0
+  channels: int | None = None
+  hidden: int | None = None
 
   def __post_init__(self):
     if self.kind not in _FEATURE_KINDS:
       raise ValueError(f"feature loss kind must be one of {_FEATURE_KINDS}, got {self.kind!r}")
+    if self.kind != "lstm" and (self.channels is not None or self.hidden is not None):
+      raise ValueError(f"feature loss {self.kind!r} on {self.student_key!r}: channels and hidden "
+                       "are options of kind 'lstm' only; remove them")
 
   @property
   def name(self) -> str:
@@ -175,6 +192,16 @@ class LossConfig:
   standardize: logit standardisation before the distillation loss;
     standardize_eps its epsilon. Exclusive with perception.
   feature_losses: FeatureLoss terms (need an online teacher).
+  phases: staged distillation: which terms are active in which part of the stage,
+    e.g. ('features until 20ep', 'features+lstm until 50ep', 'all') with the terms
+    of PHASE_TERMS (`jaxkd.schedules.parse_phases`); () = every term always.
+
+  Every weight and temperature (and each feature term's weight) is a number, a
+  schedule `step -> value`, or a spec string such as 'linear(10,1)',
+  'progressive', 'warmup(20ep)' or 'from_accuracy' (`jaxkd.schedules.parse`).
+  Specs are turned into schedules by `from_config(..., steps_per_epoch=,
+  total_steps=)`; a 'from_accuracy' value is an `AccuracyRule`, applied by the
+  training loop after each validation and passed to the step as an hparam.
   """
   kind: str = "ce"
   label_smoothing: float = 0.0
@@ -190,6 +217,7 @@ class LossConfig:
   standardize: bool = False
   standardize_eps: float = 1e-7
   feature_losses: tuple[FeatureLoss, ...] = ()
+  phases: Any = ()
 
   def __post_init__(self):
     if self.kind not in _KINDS:
@@ -203,6 +231,10 @@ class LossConfig:
     feats = tuple(f if isinstance(f, FeatureLoss) else FeatureLoss(**dict(f))
                   for f in self.feature_losses)
     object.__setattr__(self, "feature_losses", feats)
+    names = [f.name for f in feats]
+    if len(set(names)) != len(names):
+      raise ValueError(f"feature losses {names}: two terms of the same kind on the same student "
+                       "feature; give each term its own (kind, student_key)")
     if not 0.0 <= self.label_smoothing < 1.0:
       raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
@@ -214,19 +246,46 @@ class LossConfig:
   def needs_teacher(self) -> bool:
     return self.distills or bool(self.feature_losses)
 
+  @property
+  def head_losses(self) -> tuple[FeatureLoss, ...]:
+    """The feature terms with their own trained modules ('fitnet', 'lstm')."""
+    return tuple(f for f in self.feature_losses if f.kind in HEAD_KINDS)
+
+  def specs(self) -> dict[str, Any]:
+    """Every hyper-parameter that may be scheduled, by its config name: HPARAM_NAMES plus
+    'feature_losses.<kind>_<student_key>.weight' per feature term."""
+    out = {name: getattr(self, name) for name in HPARAM_NAMES}
+    for f in self.feature_losses:
+      out[f"feature_losses.{f.name}.weight"] = f.weight
+    return out
+
+  @property
+  def unresolved(self) -> list[str]:
+    """The names of hyper-parameters still given as spec strings (and 'phases' as strings)."""
+    names = [name for name, v in self.specs().items() if isinstance(v, str)]
+    if self.phases and not isinstance(self.phases, schedules.Phases):
+      names.append("phases")
+    return names
+
   @classmethod
-  def from_config(cls, config: Any, *, steps_per_epoch: int | None = None) -> LossConfig:
+  def from_config(cls, config: Any, *, steps_per_epoch: int | None = None,
+                  total_steps: int | None = None, where: str = "loss") -> LossConfig:
     """From a Mapping / ConfigDict / object with the field names above (missing ones default).
+
+    Spec strings (`jaxkd.schedules.parse`) and `phases` are checked here (ValueError
+    naming `<where>.<key>`); with `steps_per_epoch` and `total_steps` (the stage's
+    optimizer steps) they become schedules, which training needs: without them they
+    stay strings (enough for questions such as `kind` or `needs_teacher`), and
+    `make_train_step` refuses them.
 
     The config key `warmup_epochs` (> 0) is DKD's warm-up in epochs: with
     `steps_per_epoch` it replaces `warmup` by max(round(warmup_epochs *
-    steps_per_epoch), 1) steps. Training must pass `steps_per_epoch`;
-    without it the warm-up stays `warmup` (enough for questions that do not
-    depend on it, such as `kind` or `needs_teacher`), and `make_train_step`
-    refuses such a config given as a mapping.
+    steps_per_epoch), 1) steps.
     """
     if isinstance(config, LossConfig):
-      return config
+      if not config.unresolved or steps_per_epoch is None or total_steps is None:
+        return config
+      config = dataclasses.asdict(config)
     kwargs = {}
     for field in dataclasses.fields(cls):
       value = config_get(config, field.name, dataclasses.MISSING)
@@ -237,6 +296,39 @@ class LossConfig:
     warmup_epochs = _warmup_epochs(config)
     if warmup_epochs and steps_per_epoch is not None:
       kwargs["warmup"] = max(int(round(warmup_epochs * steps_per_epoch)), 1)
+    resolve = steps_per_epoch is not None and total_steps is not None
+    steps = dict(total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+
+    def spec(value, key):
+      if not isinstance(value, str):
+        return value
+      schedules.check(value, key=f"{where}.{key}")
+      return schedules.parse(value, key=f"{where}.{key}", **steps) if resolve else value
+
+    for name in HPARAM_NAMES:
+      if name in kwargs:
+        kwargs[name] = spec(kwargs[name], name)
+    feats = []
+    for i, f in enumerate(kwargs.get("feature_losses", ())):
+      f = dict(dataclasses.asdict(f) if isinstance(f, FeatureLoss) else f)
+      if "weight" in f:
+        f["weight"] = spec(f["weight"], f"feature_losses[{i}].weight")
+      feats.append(f)
+    if feats:
+      kwargs["feature_losses"] = tuple(feats)
+    phases = kwargs.get("phases") or ()
+    if isinstance(phases, str):
+      phases = (phases,)
+    if phases and not isinstance(phases, schedules.Phases):
+      phases = tuple(phases)
+      # Only the terms this loss has: a phase naming another one would train nothing.
+      kinds = {dict(f)["kind"] for f in kwargs.get("feature_losses", ())}
+      present = [t for t, has in zip(PHASE_TERMS, (
+          True, kwargs.get("kind", "ce") != "ce", bool(kinds - {"lstm"}), "lstm" in kinds)) if has]
+      schedules.check_phases(phases, key=f"{where}.phases", terms=present)
+      if resolve:
+        phases = schedules.parse_phases(phases, key=f"{where}.phases", terms=present, **steps)
+    kwargs["phases"] = phases
     return cls(**kwargs)
 
 
@@ -304,6 +396,46 @@ def _mixed_teacher_logits(own: jax.Array, partner: jax.Array, lam: jax.Array,
   return temperature * log_p
 
 
+def _skip_untouched(grads, params, opt_state, old_params, old_opt_state):
+  """Staged distillation: the parameters no active term reaches (their gradient is exactly 0
+  everywhere, e.g. the classifier while only feature terms train, or a head before its phase)
+  keep their values and optimizer state, as in PyTorch, where a parameter outside the loss's graph
+  has no gradient and the optimizer skips it. Without this, weight decay alone would move them
+  (Adam normalises a decay-only gradient into steps of the learning rate's size towards 0).
+  The optimizer's shared step count still advances."""
+  touched = jax.tree.map(lambda g: jnp.any(g != 0), grads)
+  treedef = jax.tree.structure(touched)
+
+  def like_params(x) -> bool:
+    return not isinstance(x, jax.Array) and jax.tree.structure(x) == treedef
+
+  def keep(new, old):
+    return jax.tree.map(lambda t, a, b: jnp.where(t, a, b), touched, new, old)
+
+  opt_state = jax.tree.map(lambda n, o: keep(n, o) if like_params(n) else n, opt_state,
+                           old_opt_state, is_leaf=like_params)
+  return keep(params, old_params), opt_state
+
+
+def _split_teachers(logits: jax.Array, name: str) -> list[jax.Array]:
+  """Stored logits [B, C] (one teacher) or [B, K, C] (K teachers) -> K float32 [B, C] arrays."""
+  logits = jax.lax.stop_gradient(logits.astype(jnp.float32))
+  if logits.ndim == 2:
+    return [logits]
+  if logits.ndim != 3:
+    raise ValueError(f"batch[{name!r}] must be [B, C] or [B, K, C] (K teachers), got shape "
+                     f"{logits.shape}")
+  return [logits[:, k] for k in range(logits.shape[1])]
+
+
+def _mean_teacher_logits(logits: jax.Array, temperature: jax.Array) -> jax.Array:
+  """Pseudo-logits u [B, C] of several teachers [B, K, C]: softmax(u / T) is the mean over k of
+  softmax(logits_k / T). u = T (logsumexp_k log_softmax(logits_k / T) - log K)."""
+  k = logits.shape[1]
+  log_p = jax.nn.logsumexp(jax.nn.log_softmax(logits / temperature, axis=-1), axis=1) - np.log(k)
+  return temperature * log_p
+
+
 def _topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
   k = min(k, logits.shape[-1])
   _, idx = jax.lax.top_k(logits, k)
@@ -329,19 +461,23 @@ def _apply_with_features(model: nn.Module, variables, images, *, train: bool, fe
 
 
 def make_train_step(model: nn.Module, loss_config: Any, tx: optax.GradientTransformation,
-                    mesh: Mesh, *, teacher_model: nn.Module | None = None,
+                    mesh: Mesh, *, teacher_model: nn.Module | Sequence[nn.Module] | None = None,
                     learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None,
                     donate: bool = True) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
   """Builds `train_step(state, batch, teacher_variables=None, hparams=None) -> (state, metrics)`.
 
   model: the student (a linen Module following the jaxkd models contract); its
     compute dtype is its own business, logits are cast to float32 for the loss.
-  loss_config: LossConfig or a Mapping/ConfigDict with its fields.
-  tx: the optax transformation the state's opt_state was created with.
+  loss_config: LossConfig or a Mapping/ConfigDict with its fields, with every
+    spec string resolved (`LossConfig.from_config(config, steps_per_epoch=...,
+    total_steps=...)`).
+  tx: the optax transformation the state's opt_state was created with (the
+    distillation heads in `state.heads`, if any, are updated with it too).
   mesh: a Mesh with a 'data' axis (see `data_mesh`).
   teacher_model: online teacher (run in eval mode on the same augmented batch,
-    no gradient); its variables are the `teacher_variables` argument of each
-    call (replicated). Without it, teacher logits are read from
+    no gradient), or a sequence of teachers; their variables are the
+    `teacher_variables` argument of each call (replicated; a sequence in the
+    same order for several teachers). Without it, teacher logits are read from
     batch['teacher_logits'] (stored logits).
   learning_rate_fn: the schedule given to the optimizer; only used to report
     metrics['learning_rate'] (the rate used by this update, schedule(state.step)).
@@ -350,36 +486,67 @@ def make_train_step(model: nn.Module, loss_config: Any, tx: optax.GradientTransf
 
   batch: dict with 'image' [B,H,W,3], 'label' int32 [B] (or [B,C] soft labels
     for CE/KD), optional 'weight' float32 [B] (default all ones) and
-    'teacher_logits' float32 [B,C]; from MixUp/CutMix (jaxkd.data.augment.mix_batch)
-    'soft_label' float32 [B,C] (then the CE target instead of 'label'),
-    'mix_lambda' float32 [B] and 'mix_teacher_logits' float32 [B,C] (the
-    partner's stored logits, mixed with 'teacher_logits' in probability space;
-    see the module docstring); other keys are ignored. B must be divisible
-    by the mesh's 'data' size. Kind 'dkd' refuses soft labels (ValueError).
+    'teacher_logits' float32 [B,C], or [B,K,C] for K teachers; from MixUp/CutMix
+    (jaxkd.data.augment.mix_batch) 'soft_label' float32 [B,C] (then the CE target
+    instead of 'label'), 'mix_lambda' float32 [B] and 'mix_teacher_logits'
+    float32 like 'teacher_logits' (the partner's stored logits, mixed with
+    'teacher_logits' in probability space; see the module docstring); other keys
+    are ignored. B must be divisible by the mesh's 'data' size. Kind 'dkd'
+    refuses soft labels (ValueError).
   hparams: optional dict overriding config values by name (any of
-    HPARAM_NAMES, as floats or float32 scalars) without recompiling, e.g.
-    {'temperature': 3.0} from jaxkd.schedules.temperature_from_accuracy.
+    HPARAM_NAMES, as floats or float32 scalars) without recompiling; the
+    training loop passes the values of 'from_accuracy' rules this way
+    (`train_step.adaptive`).
+
+  Several teachers (K > 1): the distillation target is the mean of the
+  teachers' probabilities at the loss's temperature, p = mean_k softmax(z'_k / T)
+  (z'_k after standardisation / perception / mixing, each teacher on its own),
+  handed to KD or DKD as the pseudo-logits T log p, whose softmax at T is p. The
+  feature terms use the first teacher's features.
 
   metrics (float32 scalars, replicated, weighted over the global batch): loss,
   ce, kd or dkd, feat_<kind>_<key> per feature loss, accuracy (with soft labels
   q: mean of q[argmax z], see the module docstring), learning_rate
   (if learning_rate_fn), temperature / kd_weight_eff (when distilling),
-  grad_norm, num_examples.
+  grad_norm (of the student's parameters), num_examples; and the value used by
+  this update of every scheduled hyper-parameter under its config name
+  ('kd_alpha', 'ce_weight', ..., 'feature_losses.<kind>_<key>.weight') and
+  'phase' (the phase index) with phases. `train_step.current_value_keys` names
+  the metrics that are values in use rather than per-step measurements (the
+  loop logs them as they are at the log step, not averaged).
   """
   if not isinstance(loss_config, LossConfig) and _warmup_epochs(loss_config):
     raise ValueError(
         f"loss config has warmup_epochs={_warmup_epochs(loss_config)}, which needs the number of "
         "steps per epoch: pass LossConfig.from_config(config, steps_per_epoch=...) as loss_config")
   cfg = LossConfig.from_config(loss_config)
+  if cfg.unresolved:
+    raise ValueError(
+        f"loss config has schedule specs {cfg.unresolved} that need the stage's length: pass "
+        "LossConfig.from_config(config, steps_per_epoch=..., total_steps=...) as loss_config")
   if "data" not in mesh.axis_names:
     raise ValueError(f"mesh must have a 'data' axis, got axes {mesh.axis_names}")
   # The warm-up weight: an int number of steps is DKD's linear warm-up, written once in
   # jaxkd.schedules.
   warmup = cfg.warmup if callable(cfg.warmup) else schedules.dkd_warmup(cfg.warmup)
-  if cfg.feature_losses and teacher_model is None:
+  teachers = (() if teacher_model is None else tuple(teacher_model)
+              if isinstance(teacher_model, Sequence) else (teacher_model,))
+  if cfg.feature_losses and not teachers:
     raise ValueError("feature losses need an online teacher: pass teacher_model (and "
                      "teacher_variables to each call)")
   need_feats = bool(cfg.feature_losses)
+  adaptive = {name: v for name, v in cfg.specs().items()
+              if isinstance(v, schedules.AccuracyRule) and cfg.distills}
+  if any("." in name for name in adaptive):
+    raise ValueError(f"'from_accuracy' is for the temperature only, got {sorted(adaptive)}")
+  phases = cfg.phases if isinstance(cfg.phases, schedules.Phases) else None
+  scheduled = [name for name, v in cfg.specs().items()
+               if (callable(v) or name in adaptive) and (name != "kd_alpha" or cfg.distills)]
+  if not isinstance(cfg.warmup, int) or cfg.warmup > 0:
+    scheduled = [n for n in scheduled if n != "warmup"] + ["warmup"]
+  head_losses = cfg.head_losses
+  if head_losses:
+    from jaxkd.train import heads as heads_lib
 
   def step_fn(state: TrainState, batch: dict, teacher_variables: PyTree | None,
               hparams: dict | None) -> tuple[TrainState, dict]:
@@ -394,7 +561,18 @@ def make_train_step(model: nn.Module, loss_config: Any, tx: optax.GradientTransf
         return jnp.asarray(hp[name], jnp.float32)
       if name == "warmup":
         return _value(warmup, step)
-      return _value(getattr(cfg, name), step)
+      value = getattr(cfg, name)
+      if isinstance(value, schedules.AccuracyRule):
+        return jnp.asarray(value.initial, jnp.float32)
+      return _value(value, step)
+
+    def on(term):
+      """1 while `term` is active (staged distillation), None without phases."""
+      return None if phases is None else phases.active(term, step)
+
+    def gated(weight, term):
+      gate = on(term)
+      return weight if gate is None else weight * gate
 
     images = batch["image"]
     labels = batch["label"]
@@ -407,59 +585,79 @@ def make_train_step(model: nn.Module, loss_config: Any, tx: optax.GradientTransf
       raise ValueError("this batch has soft labels ('soft_label' or a [B, C] 'label'); "
                        + _DKD_MIXING)
 
-    # Teacher outputs (no gradient). t_partner: the MixUp/CutMix partner's stored logits.
-    t_logits = t_feats = t_partner = t_lambda = None
+    # Teacher outputs (no gradient), one entry per teacher. t_partner: the MixUp/CutMix
+    # partner's stored logits.
+    t_logits = t_partner = None
+    t_feats = t_lambda = None
     if cfg.needs_teacher:
-      if teacher_model is not None:
+      if teachers:
         if teacher_variables is None:
           raise ValueError("teacher_model was given to make_train_step, so each call needs "
                            "teacher_variables")
-        t_logits, t_feats, _ = _apply_with_features(teacher_model, teacher_variables, images,
-                                                    train=False, features=need_feats)
-        t_logits = jax.lax.stop_gradient(t_logits.astype(jnp.float32))
-        t_feats = jax.lax.stop_gradient(t_feats)
+        tvars = (tuple(teacher_variables) if len(teachers) > 1 else (teacher_variables,))
+        if len(tvars) != len(teachers):
+          raise ValueError(f"{len(teachers)} teacher models but {len(tvars)} teacher variables")
+        t_logits = []
+        for k, (tm, tv) in enumerate(zip(teachers, tvars)):
+          z, f, _ = _apply_with_features(tm, tv, images, train=False,
+                                         features=need_feats and k == 0)
+          t_logits.append(jax.lax.stop_gradient(z.astype(jnp.float32)))
+          if k == 0:
+            t_feats = jax.lax.stop_gradient(f)
       elif "teacher_logits" in batch:
-        t_logits = jax.lax.stop_gradient(batch["teacher_logits"].astype(jnp.float32))
+        t_logits = _split_teachers(batch["teacher_logits"], "teacher_logits")
         if "mix_teacher_logits" in batch:
           if "mix_lambda" not in batch:
             raise ValueError("the batch has 'mix_teacher_logits' but no 'mix_lambda': both "
                              "come from jaxkd.data.augment.mix_batch; pass them together")
-          t_partner = jax.lax.stop_gradient(batch["mix_teacher_logits"].astype(jnp.float32))
+          t_partner = _split_teachers(batch["mix_teacher_logits"], "mix_teacher_logits")
           t_lambda = batch["mix_lambda"].astype(jnp.float32)
       else:
         raise ValueError(f"loss kind {cfg.kind!r} needs teacher logits: put 'teacher_logits' "
                          "in the batch or pass teacher_model to make_train_step")
 
+    hparam_values = {}
     if cfg.distills and (cfg.kd_alpha is not None or "kd_alpha" in hp):
       a = get("kd_alpha")
       ce_w, kd_w = 1.0 - a, a
+      hparam_values["kd_alpha"] = a
     else:
       ce_w, kd_w = get("ce_weight"), get("kd_weight")
+      hparam_values.update(ce_weight=ce_w, kd_weight=kd_w)
     temperature = get("temperature")
     warm = get("warmup")
+    hparam_values.update(temperature=temperature, warmup=warm)
     dropout_rng = jax.random.fold_in(state.rng, step)
 
     # Teacher side of the distillation term (no dependence on params).
     zt = None
     if cfg.distills:
-      zt, zp = t_logits, t_partner
-      if cfg.standardize:
-        zt = losses.logit_standardize(zt, eps=cfg.standardize_eps)
-        zp = None if zp is None else losses.logit_standardize(zp, eps=cfg.standardize_eps)
-      if cfg.perception:
-        if zp is None:
-          zt = losses.perception_reconstruct(zt, eps=cfg.perception_eps, weights=weights)
-        else:
-          # Statistics over the own rows only (partner rows weight 0), applied to both.
-          both = losses.perception_reconstruct(
-              jnp.concatenate([zt, zp]), eps=cfg.perception_eps,
-              weights=jnp.concatenate([weights, jnp.zeros_like(weights)]))
-          zt, zp = both[:zt.shape[0]], both[zt.shape[0]:]
-      if zp is not None:
-        zt = _mixed_teacher_logits(zt, zp, t_lambda, temperature)
+      targets_k = []
+      for k, zk in enumerate(t_logits):
+        zp = None if t_partner is None else t_partner[k]
+        if cfg.standardize:
+          zk = losses.logit_standardize(zk, eps=cfg.standardize_eps)
+          zp = None if zp is None else losses.logit_standardize(zp, eps=cfg.standardize_eps)
+        if cfg.perception:
+          if zp is None:
+            zk = losses.perception_reconstruct(zk, eps=cfg.perception_eps, weights=weights)
+          else:
+            # Statistics over the own rows only (partner rows weight 0), applied to both.
+            both = losses.perception_reconstruct(
+                jnp.concatenate([zk, zp]), eps=cfg.perception_eps,
+                weights=jnp.concatenate([weights, jnp.zeros_like(weights)]))
+            zk, zp = both[:zk.shape[0]], both[zk.shape[0]:]
+        if zp is not None:
+          zk = _mixed_teacher_logits(zk, zp, t_lambda, temperature)
+        targets_k.append(zk)
+      zt = (targets_k[0] if len(targets_k) == 1
+            else _mean_teacher_logits(jnp.stack(targets_k, axis=1), temperature))
       zt = jax.lax.stop_gradient(zt)
 
-    def loss_fn(params):
+    head_vars = state.heads
+
+    def loss_fn(trainable):
+      params, head_params = trainable
       variables = {"params": params}
       if state.batch_stats:
         variables["batch_stats"] = state.batch_stats
@@ -469,7 +667,7 @@ def make_train_step(model: nn.Module, loss_config: Any, tx: optax.GradientTransf
       logits = logits.astype(jnp.float32)
       terms = {"ce": losses.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing,
                                           weights=weights)}
-      total = ce_w * terms["ce"]
+      total = gated(ce_w, "ce") * terms["ce"]
       if cfg.distills:
         zs = logits
         if cfg.standardize:
@@ -479,10 +677,11 @@ def make_train_step(model: nn.Module, loss_config: Any, tx: optax.GradientTransf
         if cfg.kind == "dkd":  # int labels only (checked above)
           terms["dkd"] = losses.dkd_loss(zs, zt, labels, alpha=get("alpha"), beta=get("beta"),
                                          temperature=temperature, weights=weights)
-          total = total + kd_w * warm * terms["dkd"]
+          total = total + gated(kd_w * warm, "kd") * terms["dkd"]
         else:
           terms["kd"] = losses.kd_loss(zs, zt, temperature=temperature, weights=weights)
-          total = total + kd_w * warm * terms["kd"]
+          total = total + gated(kd_w * warm, "kd") * terms["kd"]
+      head_stats = {}
       for f in cfg.feature_losses:
         fs = feats[f.student_key]
         ft = t_feats[f.teacher_key or f.student_key]
@@ -490,19 +689,36 @@ def make_train_step(model: nn.Module, loss_config: Any, tx: optax.GradientTransf
           value = losses.attention_transfer_loss(fs, ft, weights=weights)
         elif f.kind == "mmd":
           value = losses.mmd_loss(fs, ft, weights=weights)
-        else:
+        elif f.kind == "hint":
           value = losses.hint_loss(fs, ft, weights=weights)
+        else:
+          value, stats = heads_lib.head_loss(f, head_params, head_vars, fs, ft, weights=weights)
+          if stats is not None:
+            head_stats[f.name] = stats
         terms[f"feat_{f.name}"] = value
-        total = total + _value(f.weight, step) * value
-      return total, (terms, logits, mutated)
+        total = total + gated(_value(f.weight, step), "lstm" if f.kind == "lstm"
+                              else "features") * value
+      return total, (terms, logits, mutated, head_stats)
 
-    (total, (terms, logits, mutated)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
+    head_params = head_vars["params"] if head_losses else {}
+    (total, (terms, logits, mutated, head_stats)), (grads, head_grads) = jax.value_and_grad(
+        loss_fn, has_aux=True)((state.params, head_params))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    if phases is not None:
+      params, opt_state = _skip_untouched(grads, params, opt_state, state.params, state.opt_state)
+    new_heads = state.heads
+    if head_losses:
+      head_updates, head_opt = tx.update(head_grads, head_vars["opt_state"], head_params)
+      new_head_params = optax.apply_updates(head_params, head_updates)
+      if phases is not None:
+        new_head_params, head_opt = _skip_untouched(head_grads, new_head_params, head_opt,
+                                                    head_params, head_vars["opt_state"])
+      new_heads = {**head_vars, "params": new_head_params, "opt_state": head_opt,
+                   "batch_stats": {**head_vars.get("batch_stats", {}), **head_stats}}
     new_state = state.replace(step=step + 1, params=params,
                               batch_stats=mutated.get("batch_stats", state.batch_stats),
-                              opt_state=opt_state)
+                              opt_state=opt_state, heads=new_heads)
 
     pred = jnp.argmax(logits, axis=-1)
     if targets.ndim == 1:
@@ -518,6 +734,16 @@ def make_train_step(model: nn.Module, loss_config: Any, tx: optax.GradientTransf
     if cfg.distills:
       metrics["temperature"] = temperature
       metrics["kd_weight_eff"] = kd_w * warm
+    for name in scheduled:
+      if name in hparam_values:
+        metrics[name] = hparam_values[name]
+      elif name in HPARAM_NAMES:
+        metrics[name] = get(name)
+      else:  # a feature term's weight
+        f = next(f for f in cfg.feature_losses if name == f"feature_losses.{f.name}.weight")
+        metrics[name] = _value(f.weight, step)
+    if phases is not None:
+      metrics["phase"] = phases.index(step)
     return new_state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
 
   replicated = NamedSharding(mesh, P())
@@ -529,12 +755,21 @@ def make_train_step(model: nn.Module, loss_config: Any, tx: optax.GradientTransf
   def train_step(state: TrainState, batch: Mapping[str, Any],
                  teacher_variables: PyTree | None = None,
                  hparams: Mapping[str, Any] | None = None) -> tuple[TrainState, dict]:
+    if head_losses and not state.heads:
+      raise ValueError(f"the loss has feature terms with trained modules "
+                       f"{[f.name for f in head_losses]}, but the state has no heads: add them "
+                       "with jaxkd.train.heads.add_heads(state, ...) before training")
     arrays = {k: batch[k] for k in TRAIN_BATCH_KEYS if k in batch}
     hp = None if not hparams else {k: jnp.asarray(v, jnp.float32) for k, v in hparams.items()}
     return jitted(state, arrays, teacher_variables, hp)
 
   train_step.jitted = jitted  # for .lower(...) / cost analysis
   train_step.loss_config = cfg
+  # Hyper-parameters set by the loop after each validation: name -> schedules.AccuracyRule.
+  train_step.adaptive = adaptive
+  train_step.current_value_keys = tuple(
+      dict.fromkeys((["temperature", "kd_weight_eff"] if cfg.distills else []) + scheduled
+                    + (["phase"] if phases is not None else [])))
   return train_step
 
 
