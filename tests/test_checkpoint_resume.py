@@ -207,6 +207,11 @@ def _start(script, workdir, mode):
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+  if os.environ.get("JAXKD_TEST_JAX_CACHE"):  # the session's compilation cache (tests/conftest.py):
+    # the restarted runs load the programs the first ones compiled (the same executables).
+    env["JAX_COMPILATION_CACHE_DIR"] = os.environ["JAXKD_TEST_JAX_CACHE"]
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
   workdir.mkdir(parents=True, exist_ok=True)
   return subprocess.Popen([sys.executable, str(script), str(workdir), mode], env=env, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
