@@ -79,6 +79,20 @@ def assert_close(actual, expected, rtol=RTOL, atol=1e-7):
   np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=rtol, atol=atol)
 
 
+# The losses, jitted once for the module: each (shape, static argument) compiles one program,
+# reused across tests and parametrisations (temperatures etc. are traced arguments). Called
+# eagerly, every primitive would be dispatched (and on first use compiled) on its own, which
+# costs far more than the programs. The eager path is still exercised by
+# test_losses_are_jittable and test_shape_errors_name_the_shapes.
+cross_entropy = jax.jit(losses.cross_entropy, static_argnames="label_smoothing")
+kd_loss = jax.jit(losses.kd_loss)
+tckd_nckd = jax.jit(losses.tckd_nckd)
+dkd_loss = jax.jit(losses.dkd_loss)
+perception_reconstruct = jax.jit(losses.perception_reconstruct, static_argnames="axis_name")
+logit_standardize = jax.jit(losses.logit_standardize)
+mmd_loss = jax.jit(losses.mmd_loss, static_argnames=("kernel", "bandwidths"))
+
+
 # ---------------------------------------------------------------- values vs references
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -88,32 +102,37 @@ def test_cross_entropy_matches_reference(seed, smoothing):
   C = zs.shape[1]
   q = np.eye(C)[y] * (1 - smoothing) + smoothing / C
   expected = np.mean(-np.sum(q * np_log_softmax(zs), -1))
-  assert_close(losses.cross_entropy(zs, y, label_smoothing=smoothing), expected)
+  assert_close(cross_entropy(zs, y, label_smoothing=smoothing), expected)
 
 
 def test_cross_entropy_soft_labels():
   zs, zt, _ = random_logits(3)
   q = np_softmax(zt)
   expected = np.mean(-np.sum(q * np_log_softmax(zs), -1))
-  assert_close(losses.cross_entropy(zs, q.astype(np.float32)), expected)
+  assert_close(cross_entropy(zs, q.astype(np.float32)), expected)
 
 
 @pytest.mark.parametrize("T", [1.0, 4.0, 10.0])
 def test_kd_matches_reference(T):
   zs, zt, _ = random_logits(int(T))
-  assert_close(losses.kd_loss(zs, zt, temperature=T), ref_kd_per_example(zs, zt, T).mean())
+  assert_close(kd_loss(zs, zt, temperature=T), ref_kd_per_example(zs, zt, T).mean())
+
+
+@jax.jit  # one program for both temperatures
+def tckd_nckd_and_dkd(zs, zt, y, T, alpha, beta):
+  return (losses.tckd_nckd(zs, zt, y, temperature=T),
+          losses.dkd_loss(zs, zt, y, alpha=alpha, beta=beta, temperature=T))
 
 
 @pytest.mark.parametrize("T", [1.0, 4.0])
 def test_tckd_nckd_and_dkd_match_reference(T):
   zs, zt, y = random_logits(7, batch=12, classes=20)
-  tckd, nckd = losses.tckd_nckd(zs, zt, y, temperature=T)
+  alpha, beta = 1.0, 8.0
+  (tckd, nckd), dkd = tckd_nckd_and_dkd(zs, zt, y, T, alpha, beta)
   ref_t, ref_n = ref_tckd_nckd(zs, zt, y, T)
   assert_close(tckd, ref_t)
   assert_close(nckd, ref_n)
-  alpha, beta = 1.0, 8.0
-  assert_close(losses.dkd_loss(zs, zt, y, alpha=alpha, beta=beta, temperature=T),
-               np.mean(alpha * ref_t + beta * ref_n))
+  assert_close(dkd, np.mean(alpha * ref_t + beta * ref_n))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -121,13 +140,13 @@ def test_kd_decomposes_into_tckd_plus_weighted_nckd(seed):
   """Zhao et al. 2022, eq. (1): KD = TCKD + (1 - p_t[y]) * NCKD, per example (T^2 on both sides)."""
   T = 4.0
   zs, zt, y = random_logits(seed, batch=32, classes=100)
-  tckd, nckd = losses.tckd_nckd(zs, zt, y, temperature=T)
+  tckd, nckd = tckd_nckd(zs, zt, y, temperature=T)
   pt_y = np_softmax(zt.astype(np.float64) / T)[np.arange(len(y)), y]
   kd = ref_kd_per_example(zs, zt, T)
   assert_close(np.asarray(tckd, np.float64) + (1 - pt_y) * np.asarray(nckd, np.float64), kd,
                rtol=1e-5, atol=1e-6)
   # The identity is sharp: a wrong mask (another class as "target") or a dropped T^2 breaks it.
-  tckd_bad, nckd_bad = losses.tckd_nckd(zs, zt, (y + 1) % 100, temperature=T)
+  tckd_bad, nckd_bad = tckd_nckd(zs, zt, (y + 1) % 100, temperature=T)
   assert not np.allclose(np.asarray(tckd_bad) + (1 - pt_y) * np.asarray(nckd_bad), kd, rtol=1e-3)
   assert not np.allclose((np.asarray(tckd) + (1 - pt_y) * np.asarray(nckd)) / T**2, kd, rtol=1e-3)
 
@@ -135,14 +154,14 @@ def test_kd_decomposes_into_tckd_plus_weighted_nckd(seed):
 def test_perception_reconstruct_matches_reference():
   zs, _, _ = random_logits(11, batch=64, classes=10, scale=5.0)
   zs = zs + 100.0  # a large common offset: the centred variance must not lose precision
-  assert_close(losses.perception_reconstruct(zs), ref_perception(zs), rtol=1e-4, atol=1e-5)
+  assert_close(perception_reconstruct(zs), ref_perception(zs), rtol=1e-4, atol=1e-5)
 
 
 def test_logit_standardize_matches_reference():
   zs, _, _ = random_logits(5, classes=30)
   z = zs.astype(np.float64)
   expected = (z - z.mean(-1, keepdims=True)) / (z.std(-1, ddof=1, keepdims=True) + 1e-7)
-  assert_close(losses.logit_standardize(zs), expected, atol=1e-6)
+  assert_close(logit_standardize(zs), expected, atol=1e-6)
 
 
 def test_attention_transfer_matches_reference():
@@ -185,8 +204,8 @@ def test_mmd_matches_reference(kernel):
     return np.mean([np.exp(-d2 / (2 * b * b)) for b in bws], axis=0)
 
   expected = k(s, s).mean() + k(t, t).mean() - 2 * k(s, t).mean()
-  assert_close(losses.mmd_loss(s, t, kernel=kernel, bandwidths=bws), expected, atol=1e-6)
-  assert abs(float(losses.mmd_loss(s, s, kernel=kernel, bandwidths=bws))) < 1e-6
+  assert_close(mmd_loss(s, t, kernel=kernel, bandwidths=bws), expected, atol=1e-6)
+  assert abs(float(mmd_loss(s, s, kernel=kernel, bandwidths=bws))) < 1e-6
   if kernel == "linear":  # closed form: ||mean s - mean t||^2 / D
     assert_close(expected, np.sum((s.mean(0).astype(np.float64) - t.mean(0)) ** 2) / D, atol=1e-9)
 
@@ -195,9 +214,12 @@ def test_mmd_matches_reference(kernel):
 
 def test_kd_and_dkd_zero_when_student_equals_teacher():
   zs, _, y = random_logits(4, classes=100, scale=10.0)
-  assert abs(float(losses.kd_loss(zs, zs, temperature=4.0))) < 1e-6
-  assert abs(float(losses.dkd_loss(zs, zs, y))) < 1e-6
-  tckd, nckd = losses.tckd_nckd(zs, zs, y, temperature=4.0)
+  # One program; student and teacher are separate arguments, not known to be equal.
+  kd, dkd, (tckd, nckd) = jax.jit(lambda s, t, y: (
+      losses.kd_loss(s, t, temperature=4.0), losses.dkd_loss(s, t, y),
+      losses.tckd_nckd(s, t, y, temperature=4.0)))(zs, zs, y)
+  assert abs(float(kd)) < 1e-6
+  assert abs(float(dkd)) < 1e-6
   assert np.max(np.abs(tckd)) < 1e-6 and np.max(np.abs(nckd)) < 1e-6
 
 
@@ -205,16 +227,20 @@ def test_kd_and_dkd_zero_when_student_equals_teacher():
 def test_gradients_finite_at_extreme_logits(scale):
   zs, zt, y = random_logits(9, classes=10, scale=1.0)
   zs, zt = zs * scale, zt * scale
-  for name, fn in {
-      "ce": lambda s: losses.cross_entropy(s, y),
-      "kd": lambda s: losses.kd_loss(s, zt, temperature=4.0),
-      "dkd": lambda s: losses.dkd_loss(s, zt, y),
-      "pr+dkd": lambda s: losses.dkd_loss(losses.perception_reconstruct(s),
-                                          losses.perception_reconstruct(zt), y),
-      "ls+kd": lambda s: losses.kd_loss(losses.logit_standardize(s), losses.logit_standardize(zt),
-                                        temperature=2.0),
-  }.items():
-    value, grad = jax.value_and_grad(fn)(jnp.asarray(zs))
+
+  @jax.jit  # one program for all five losses
+  def values_and_grads(zs, zt, y):
+    return {name: jax.value_and_grad(fn)(zs) for name, fn in {
+        "ce": lambda s: losses.cross_entropy(s, y),
+        "kd": lambda s: losses.kd_loss(s, zt, temperature=4.0),
+        "dkd": lambda s: losses.dkd_loss(s, zt, y),
+        "pr+dkd": lambda s: losses.dkd_loss(losses.perception_reconstruct(s),
+                                            losses.perception_reconstruct(zt), y),
+        "ls+kd": lambda s: losses.kd_loss(losses.logit_standardize(s),
+                                          losses.logit_standardize(zt), temperature=2.0),
+    }.items()}
+
+  for name, (value, grad) in values_and_grads(jnp.asarray(zs), zt, y).items():
     assert np.isfinite(float(value)), name
     assert np.all(np.isfinite(np.asarray(grad))), name
 
@@ -222,19 +248,24 @@ def test_gradients_finite_at_extreme_logits(scale):
 def test_bfloat16_inputs_give_float32_finite_results():
   zs, zt, y = random_logits(12, classes=100, scale=4.0)
   zs16, zt16 = jnp.asarray(zs, jnp.bfloat16), jnp.asarray(zt, jnp.bfloat16)
-  for fn in (lambda s: losses.kd_loss(s, zt16, temperature=4.0),
-             lambda s: losses.dkd_loss(s, zt16, y),
-             lambda s: losses.dkd_loss(losses.perception_reconstruct(s),
-                                       losses.perception_reconstruct(zt16), y),
-             lambda s: losses.cross_entropy(s, y)):
-    value, grad = jax.value_and_grad(fn)(zs16)
+
+  @jax.jit  # one program for all four losses
+  def values_and_grads(zs16, zt16, y):
+    return [jax.value_and_grad(fn)(zs16) for fn in (
+        lambda s: losses.kd_loss(s, zt16, temperature=4.0),
+        lambda s: losses.dkd_loss(s, zt16, y),
+        lambda s: losses.dkd_loss(losses.perception_reconstruct(s),
+                                  losses.perception_reconstruct(zt16), y),
+        lambda s: losses.cross_entropy(s, y))]
+
+  for value, grad in values_and_grads(zs16, zt16, y):
     assert value.dtype == jnp.float32
     assert np.isfinite(float(value))
     assert np.all(np.isfinite(np.asarray(grad, np.float32)))
   # bf16 logits are converted to float32 before the math: same value as the f32 loss on the
   # rounded logits.
   rounded = np.asarray(zs16.astype(jnp.float32))
-  assert_close(losses.kd_loss(zs16, zt16, temperature=4.0),
+  assert_close(kd_loss(zs16, zt16, temperature=4.0),
                ref_kd_per_example(rounded, np.asarray(zt16.astype(jnp.float32)), 4.0).mean(),
                rtol=1e-5)
 
@@ -242,17 +273,18 @@ def test_bfloat16_inputs_give_float32_finite_results():
 def test_perception_constant_class_is_finite():
   zs, zt, y = random_logits(13, batch=8, classes=5)
   zs[:, 2] = 3.0  # class 2 constant over the batch
-  h = losses.perception_reconstruct(zs)
+  h = perception_reconstruct(zs)
   assert np.all(np.isfinite(np.asarray(h)))
   np.testing.assert_allclose(np.asarray(h)[:, 2], 0.0, atol=1e-6)
-  grad = jax.grad(lambda s: losses.dkd_loss(losses.perception_reconstruct(s),
-                                            losses.perception_reconstruct(zt), y))(jnp.asarray(zs))
+  grad = jax.jit(jax.grad(lambda s, t, y: losses.dkd_loss(
+      losses.perception_reconstruct(s), losses.perception_reconstruct(t), y)))(
+          jnp.asarray(zs), zt, y)
   assert np.all(np.isfinite(np.asarray(grad)))
 
 
 def test_perception_output_is_standardised():
   zs, _, _ = random_logits(14, batch=64, classes=7, scale=3.0)
-  h = np.asarray(losses.perception_reconstruct(zs, eps=0.0), np.float64)
+  h = np.asarray(perception_reconstruct(zs, eps=0.0), np.float64)
   np.testing.assert_allclose(h.mean(0), 0.0, atol=1e-5)
   np.testing.assert_allclose(h.var(0), 1.0, rtol=1e-4)
 
@@ -268,23 +300,28 @@ def test_padding_rows_do_not_change_losses():
   y_p = np.concatenate([y, np.zeros(pad, np.int32)])
   w = np.concatenate([np.ones(10), np.zeros(pad)]).astype(np.float32)
 
-  pairs = [
-      (losses.cross_entropy(zs, y), losses.cross_entropy(zs_p, y_p, weights=w)),
-      (losses.cross_entropy(zs, y, label_smoothing=0.1),
-       losses.cross_entropy(zs_p, y_p, label_smoothing=0.1, weights=w)),
-      (losses.kd_loss(zs, zt, temperature=4.0),
-       losses.kd_loss(zs_p, zt_p, temperature=4.0, weights=w)),
-      (losses.dkd_loss(zs, zt, y), losses.dkd_loss(zs_p, zt_p, y_p, weights=w)),
-      (losses.dkd_loss(losses.perception_reconstruct(zs), losses.perception_reconstruct(zt), y),
-       losses.dkd_loss(losses.perception_reconstruct(zs_p, weights=w),
-                       losses.perception_reconstruct(zt_p, weights=w), y_p, weights=w)),
-      (losses.mmd_loss(zs, zt), losses.mmd_loss(zs_p, zt_p, weights=w)),
-  ]
-  for unpadded, padded in pairs:
+  @jax.jit  # one program for all the pairs
+  def all_pairs(zs, zt, y, zs_p, zt_p, y_p, w):
+    return [
+        (losses.cross_entropy(zs, y), losses.cross_entropy(zs_p, y_p, weights=w)),
+        (losses.cross_entropy(zs, y, label_smoothing=0.1),
+         losses.cross_entropy(zs_p, y_p, label_smoothing=0.1, weights=w)),
+        (losses.kd_loss(zs, zt, temperature=4.0),
+         losses.kd_loss(zs_p, zt_p, temperature=4.0, weights=w)),
+        (losses.dkd_loss(zs, zt, y), losses.dkd_loss(zs_p, zt_p, y_p, weights=w)),
+        (losses.dkd_loss(losses.perception_reconstruct(zs), losses.perception_reconstruct(zt), y),
+         losses.dkd_loss(losses.perception_reconstruct(zs_p, weights=w),
+                         losses.perception_reconstruct(zt_p, weights=w), y_p, weights=w)),
+        (losses.mmd_loss(zs, zt), losses.mmd_loss(zs_p, zt_p, weights=w)),
+        # Rows of the padded perception output that are real equal the unpadded output.
+        (losses.perception_reconstruct(zs), losses.perception_reconstruct(zs_p, weights=w)[:10]),
+    ]
+
+  pairs = all_pairs(zs, zt, y, zs_p, zt_p, y_p, w)
+  for unpadded, padded in pairs[:-1]:
     assert_close(padded, float(unpadded), rtol=1e-5, atol=1e-6)
-  # Rows of the padded perception output that are real equal the unpadded output.
-  np.testing.assert_allclose(np.asarray(losses.perception_reconstruct(zs_p, weights=w))[:10],
-                             np.asarray(losses.perception_reconstruct(zs)), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(pairs[-1][1]), np.asarray(pairs[-1][0]),
+                             rtol=1e-5, atol=1e-5)
 
 
 def test_weighted_mean_ignores_nan_in_padding():
@@ -328,7 +365,7 @@ def test_perception_reconstruct_across_8_devices_equals_single_device():
                        out_specs=P("data"))
     return np.asarray(jax.jit(fn)(z, w))
 
-  single = np.asarray(losses.perception_reconstruct(z, weights=w))
+  single = np.asarray(perception_reconstruct(z, weights=w))
   np.testing.assert_allclose(single, ref_perception(z, w), rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(sharded("data"), single, rtol=1e-5, atol=1e-5)
   # Without the cross-device reduction each device standardises its own 8 rows: clearly different.
@@ -503,6 +540,33 @@ def test_reference_gradients_match_finite_differences(T):
   np.testing.assert_allclose(numeric(ls_kd, zs), ref_standardize_vjp(zs, g_std), atol=1e-7)
 
 
+# Jitted once for the module; the parametrised cases share shapes, with T traced, so each
+# compiles once.
+@jax.jit
+def kd_grads(zs, zt, T, w):
+  return jax.grad(lambda s, t: losses.kd_loss(s, t, temperature=T, weights=w),
+                  argnums=(0, 1))(zs, zt)
+
+
+@jax.jit
+def dkd_grads(zs, zt, y, T, alpha, beta):
+  """(d DKD / d z_s, [(d TCKD / d z_s, d TCKD / d z_t), (the same for NCKD)])."""
+  g = jax.grad(lambda s: losses.dkd_loss(s, zt, y, alpha=alpha, beta=beta, temperature=T))(zs)
+  parts = [jax.grad(
+      lambda s, t, part=part: jnp.sum(losses.tckd_nckd(s, t, y, temperature=T)[part]),
+      argnums=(0, 1))(zs, zt) for part in (0, 1)]
+  return g, parts
+
+
+@jax.jit
+def ls_kd_grads(zs, zt, T):
+  def fn(s, t):
+    return losses.kd_loss(losses.logit_standardize(s), losses.logit_standardize(t),
+                          temperature=T)
+
+  return jax.grad(fn, argnums=(0, 1))(zs, zt)
+
+
 @pytest.mark.parametrize("T", [1.0, 4.0])
 @pytest.mark.parametrize("case", GRAD_CASES)
 def test_kd_gradients_match_float64(case, T):
@@ -511,8 +575,7 @@ def test_kd_gradients_match_float64(case, T):
   zs, zt, _ = grad_case(case)
   w = np.ones(zs.shape[0], np.float32)
   w[3] = 0.0
-  g_s, g_t = jax.grad(lambda s, t: losses.kd_loss(s, t, temperature=T, weights=w),
-                      argnums=(0, 1))(zs, zt)
+  g_s, g_t = kd_grads(zs, zt, T, w)
   ref_s, ref_t = ref_kd_grads(zs, zt, T, w)
   assert grad_error(g_s, ref_s, "row") < GRAD_RTOL
   assert grad_error(g_t, ref_t, "batch") < GRAD_RTOL
@@ -527,14 +590,12 @@ def test_dkd_gradients_match_float64(case, T):
   ill-conditioned: logit p_t,y - logit p_s,y may be a small difference of O(10) terms)."""
   zs, zt, y = grad_case(case, seed=1)
   alpha, beta = 1.0, 8.0
-  g = jax.grad(lambda s: losses.dkd_loss(s, zt, y, alpha=alpha, beta=beta, temperature=T))(zs)
+  g, parts = dkd_grads(zs, zt, y, T, alpha, beta)
   ref = ref_dkd_grads(zs, zt, y, T)
   batch = zs.shape[0]
   assert grad_error(g, (alpha * ref["tckd_s"] + beta * ref["nckd_s"]) / batch, "row") < GRAD_RTOL
   for k, part in (("tckd", 0), ("nckd", 1)):
-    g_s, g_t = jax.grad(
-        lambda s, t, part=part: jnp.sum(losses.tckd_nckd(s, t, y, temperature=T)[part]),
-        argnums=(0, 1))(zs, zt)
+    g_s, g_t = parts[part]
     assert grad_error(g_s, ref[k + "_s"], "batch") < GRAD_RTOL, k
     assert grad_error(g_t, ref[k + "_t"], "batch") < GRAD_RTOL, k
 
@@ -548,12 +609,7 @@ def test_logit_standardized_kd_gradients_match_float64(case, T):
   relative to |z'| ~ 1, which the loss then sees against differences of 1e-3.)
   """
   zs, zt, _ = grad_case(case, seed=2)
-
-  def fn(s, t):
-    return losses.kd_loss(losses.logit_standardize(s), losses.logit_standardize(t),
-                          temperature=T)
-
-  g_s, g_t = jax.grad(fn, argnums=(0, 1))(zs, zt)
+  g_s, g_t = ls_kd_grads(zs, zt, T)
   std_s, std_t = ref_standardize(zs)[0], ref_standardize(zt)[0]
   ref_s, ref_t = ref_kd_grads(std_s, std_t, T)
   assert grad_error(g_s, ref_standardize_vjp(zs, ref_s), "row") < GRAD_RTOL
@@ -573,6 +629,17 @@ def test_gradients_under_jit_with_constant_teacher(case):
   assert grad_error(g_dkd, (ref["tckd_s"] + 8.0 * ref["nckd_s"]) / zs.shape[0], "row") < GRAD_RTOL
 
 
+@jax.jit
+def temperature_grads(zs, zt, y, temp):
+  """d/dT of KD, mean TCKD and mean NCKD (one program for the parametrised cases)."""
+  fns = {
+      "kd": lambda temp: losses.kd_loss(zs, zt, temperature=temp),
+      "tckd": lambda temp: jnp.mean(losses.tckd_nckd(zs, zt, y, temperature=temp)[0]),
+      "nckd": lambda temp: jnp.mean(losses.tckd_nckd(zs, zt, y, temperature=temp)[1]),
+  }
+  return {name: jax.grad(fn)(temp) for name, fn in fns.items()}
+
+
 @pytest.mark.parametrize("T", [1.0, 4.0])
 @pytest.mark.parametrize("case", ["scale 3", "offset 1e4"])
 def test_temperature_gradients_match_float64_differences(case, T):
@@ -587,14 +654,10 @@ def test_temperature_gradients_match_float64_differences(case, T):
       "tckd": lambda temp: ref_tckd_nckd(zs, zt, y, temp)[0].mean(),
       "nckd": lambda temp: ref_tckd_nckd(zs, zt, y, temp)[1].mean(),
   }
-  fns = {
-      "kd": lambda temp: losses.kd_loss(zs, zt, temperature=temp),
-      "tckd": lambda temp: jnp.mean(losses.tckd_nckd(zs, zt, y, temperature=temp)[0]),
-      "nckd": lambda temp: jnp.mean(losses.tckd_nckd(zs, zt, y, temperature=temp)[1]),
-  }
+  grads = temperature_grads(zs, zt, y, jnp.float32(T))
   for name in refs:
     expected = (refs[name](T + h) - refs[name](T - h)) / (2 * h)
-    actual = float(jax.grad(fns[name])(jnp.float32(T)))
+    actual = float(grads[name])
     np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-6, err_msg=name)
 
 
@@ -608,19 +671,26 @@ def test_gradients_finite_at_1e4_and_constant_rows():
   zs[2] = zt[2] = 7.0
   zs[3] = zt[3]
   zs[4] = 1e4  # a constant row of large magnitude against a varying teacher
-  fns = {
-      "kd": lambda s, t, temp: losses.kd_loss(s, t, temperature=temp),
-      "dkd": lambda s, t, temp: losses.dkd_loss(s, t, y, temperature=temp),
-      "ls+kd": lambda s, t, temp: losses.kd_loss(losses.logit_standardize(s),
-                                                 losses.logit_standardize(t), temperature=temp),
-  }
-  for name, fn in fns.items():
-    value, grads = jax.value_and_grad(fn, argnums=(0, 1, 2))(zs, zt, jnp.float32(1.0))
+
+  @jax.jit  # one program for all of them
+  def values_and_grads(zs, zt, y):
+    fns = {
+        "kd": lambda s, t, temp: losses.kd_loss(s, t, temperature=temp),
+        "dkd": lambda s, t, temp: losses.dkd_loss(s, t, y, temperature=temp),
+        "ls+kd": lambda s, t, temp: losses.kd_loss(losses.logit_standardize(s),
+                                                   losses.logit_standardize(t), temperature=temp),
+    }
+    out = {name: jax.value_and_grad(fn, argnums=(0, 1, 2))(zs, zt, jnp.float32(1.0))
+           for name, fn in fns.items()}
+    return out, jax.grad(lambda s: losses.kd_loss(s, zt, temperature=4.0))(zs)
+
+  out, g = values_and_grads(zs, zt, y)
+  for name, (value, grads) in out.items():
     assert np.isfinite(float(value)), name
-    for g in grads:
-      assert np.all(np.isfinite(np.asarray(g))), name
+    for g_arg in grads:
+      assert np.all(np.isfinite(np.asarray(g_arg))), name
   # Equal rows have zero KD gradient.
-  g = np.asarray(jax.grad(lambda s: losses.kd_loss(s, zt, temperature=4.0))(zs))
+  g = np.asarray(g)
   assert not np.any(g[2]) and not np.any(g[3])
 
 
@@ -629,10 +699,11 @@ def test_bfloat16_gradients_are_the_float32_gradients_rounded():
   zs, zt, y = random_logits(43, classes=20, scale=4.0)
   zs16, zt16 = jnp.asarray(zs, jnp.bfloat16), jnp.asarray(zt, jnp.bfloat16)
   zs32, zt32 = zs16.astype(jnp.float32), zt16.astype(jnp.float32)
-  for fn in (lambda s, t: losses.kd_loss(s, t, temperature=4.0),
-             lambda s, t: losses.dkd_loss(s, t, y)):
-    g16 = jax.grad(fn)(zs16, zt16)
-    g32 = jax.grad(fn)(zs32, zt32)
+  fns = (lambda s, t: losses.kd_loss(s, t, temperature=4.0),
+         lambda s, t: losses.dkd_loss(s, t, y))
+  # One program per dtype (separate, so that the compiler cannot share the float32 math).
+  both_grads = jax.jit(lambda s, t: [jax.grad(fn)(s, t) for fn in fns])
+  for g16, g32 in zip(both_grads(zs16, zt16), both_grads(zs32, zt32)):
     assert g16.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(g16, np.float32),
                                   np.asarray(g32.astype(jnp.bfloat16), np.float32))
@@ -648,8 +719,9 @@ def test_gradients_compose_with_vmap_jit_and_jvp():
 
   grad = jax.grad(fn, argnums=(0, 1, 3))
   batched = jax.jit(jax.vmap(grad, in_axes=(0, 0, 0, None)))(zs, zt, y, jnp.float32(2.0))
+  single_grad = jax.jit(grad)  # compiled once for the three examples
   for i in range(3):
-    single = grad(zs[i], zt[i], y[i], jnp.float32(2.0))
+    single = single_grad(zs[i], zt[i], y[i], jnp.float32(2.0))
     for b, s in zip(batched, single):
       np.testing.assert_allclose(np.asarray(b)[i], np.asarray(s), rtol=1e-5, atol=1e-8)
   # Forward mode agrees with reverse mode.
@@ -658,6 +730,8 @@ def test_gradients_compose_with_vmap_jit_and_jvp():
   def f0(s):
     return fn(s, zt[0], y[0], 2.0)
 
-  _, forward = jax.jvp(f0, (jnp.asarray(zs[0]),), (jnp.asarray(tangent),))
-  reverse = np.sum(np.asarray(jax.grad(f0)(zs[0]), np.float64) * tangent)
+  _, forward = jax.jit(lambda s, ds: jax.jvp(f0, (s,), (ds,)))(zs[0], tangent)
+  # Reverse mode: d f0 / d s, from the reverse-mode program compiled above.
+  reverse = np.sum(np.asarray(single_grad(zs[0], zt[0], y[0], jnp.float32(2.0))[0], np.float64)
+                   * tangent)
   np.testing.assert_allclose(float(forward), reverse, rtol=1e-5)
