@@ -140,7 +140,9 @@ def dkd_warmup(warmup_steps: int) -> optax.Schedule:
   `warmup_steps = 20 * steps_per_epoch`. `warmup_steps <= 0` turns the
   warm-up off (w = 1). This is the one definition of the warm-up:
   `jaxkd.train.step.LossConfig.warmup` (an int number of steps) is evaluated
-  with it, in float32 as `min(float32(step) / warmup_steps, 1)`.
+  with it, in float32 as `min(float32(step) / warmup_steps, 1)` (inside jit XLA may
+  compute the division as a multiplication by 1 / warmup_steps, which can differ from it in
+  the last bit of float32).
   """
   if warmup_steps <= 0:
     def off(step):
