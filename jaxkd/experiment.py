@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxkd import config as schema
-from jaxkd import models
+from jaxkd import models, schedules
 from jaxkd.config import ConfigError, compute_dtype, validate
 from jaxkd.train.state import replicate
 from jaxkd.train.step import LossConfig
@@ -595,20 +595,26 @@ def _get_source(config):
 
 def _check_training(config, wd: Workdir, source) -> None:
   """What needs the data to be checked, checked before any compute: every stage left to train
-  has a full batch per epoch and, with handoff='best', a val split to choose by."""
+  has a full batch per epoch and, with handoff='best' or a 'from_accuracy' value, a val split to
+  choose by."""
+  from jaxkd.train.loop import FitSpec
   for role in schema.ROLES:
     stage = config[role]
     if not stage.enabled or int(stage.epochs) == 0 or wd.done(role):
       continue
     bs, n = int(stage.batch_size), source.num_examples("train")
-    if _steps_per_epoch(source, stage) < 1:
+    spe = _steps_per_epoch(source, stage)
+    if spe < 1:
       raise ConfigError(f"config.{role}.batch_size={bs} is larger than the training split ({n} "
                         f"examples); lower config.{role}.batch_size")
     if stage.handoff == "best" and _eval_split(source) is None:
       raise ConfigError(f"config.{role}.handoff='best' chooses by val top-1, but the data has no "
                         f"val split ({', '.join(source.splits)}); use 'last'")
-    adaptive = [name for name, value in LossConfig.from_config(stage.loss).specs().items()
-                if value == "from_accuracy"]
+    # The loss as training resolves it: the parser says which values follow the val top-1.
+    total = FitSpec.from_config(stage, steps_per_epoch=spe, seed=0).total_steps
+    loss = LossConfig.from_config(stage.loss, steps_per_epoch=spe, total_steps=max(total, 1))
+    adaptive = [name for name, value in loss.specs().items()
+                if isinstance(value, schedules.AccuracyRule)]
     if adaptive and _eval_split(source) is None:
       raise ConfigError(f"config.{role}.loss.{adaptive[0]}='from_accuracy' is set from the val "
                         f"top-1, but the data has no val split ({', '.join(source.splits)}); use "

@@ -500,9 +500,8 @@ class AccuracyRule:
     if not 0.0 <= acc <= 1.0:
       raise ValueError(f"AccuracyRule takes the validation top-1 accuracy as a fraction in "
                        f"[0, 1] (not a percentage, not a step), got {top1!r}")
-    index = int(np.searchsorted(np.asarray(self.thresholds, np.float32), np.float32(acc),
-                                side="right"))
-    return self.values[index]
+    return float(temperature_from_accuracy(acc, thresholds=self.thresholds,
+                                           temperatures=self.values))
 
   def describe(self) -> str:
     """E.g. 'from_accuracy (1 below 0.7, 3 below 0.9, 5 from 0.9)'."""

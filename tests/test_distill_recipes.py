@@ -366,3 +366,24 @@ def test_recipe_configs_parse_and_resolve(recipe, arg):
   if recipe == "staged":
     assert config.student.teacher == "online"
     assert {f.kind for f in loss.head_losses} == {"fitnet", "lstm"}
+
+
+@pytest.mark.parametrize("spec_text", ["from_accuracy", " from_accuracy "])
+def test_from_accuracy_without_a_val_split_is_refused_before_compute(tmp_path, spec_text):
+  from jaxkd import experiment
+  from jaxkd.workdir import Workdir
+
+  class NoVal:  # the two facts the check reads of a data source
+    splits = ("train", "test")
+
+    def num_examples(self, split):
+      return 640
+
+  config = schema.base_config()
+  config.student.loss.kind = "kd"
+  config.student.loss.temperature = spec_text
+  with pytest.raises(schema.ConfigError, match=r"config.student.loss.temperature='from_accuracy' "
+                     r"is set from the val top-1, but the data has no val split \(train, test\)"):
+    experiment._check_training(config, Workdir(tmp_path), NoVal())
+  config.student.loss.temperature = "linear(10, 1)"
+  experiment._check_training(config, Workdir(tmp_path), NoVal())  # a schedule of the step: fine

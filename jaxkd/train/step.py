@@ -302,8 +302,10 @@ class LossConfig:
     def spec(value, key):
       if not isinstance(value, str):
         return value
+      if resolve:  # parse checks what `check` does
+        return schedules.parse(value, key=f"{where}.{key}", **steps)
       schedules.check(value, key=f"{where}.{key}")
-      return schedules.parse(value, key=f"{where}.{key}", **steps) if resolve else value
+      return value
 
     for name in HPARAM_NAMES:
       if name in kwargs:
@@ -325,9 +327,10 @@ class LossConfig:
       kinds = {dict(f)["kind"] for f in kwargs.get("feature_losses", ())}
       present = [t for t, has in zip(PHASE_TERMS, (
           True, kwargs.get("kind", "ce") != "ce", bool(kinds - {"lstm"}), "lstm" in kinds)) if has]
-      schedules.check_phases(phases, key=f"{where}.phases", terms=present)
-      if resolve:
+      if resolve:  # parse_phases checks what check_phases does
         phases = schedules.parse_phases(phases, key=f"{where}.phases", terms=present, **steps)
+      else:
+        schedules.check_phases(phases, key=f"{where}.phases", terms=present)
     kwargs["phases"] = phases
     return cls(**kwargs)
 
