@@ -5,9 +5,10 @@
   jaxkd --config=configs/food101_mini.py --print_config      # every key, its value, unit, meaning
 
 Stages already finished in --workdir are skipped; a killed run resumes from its
-last checkpoint; SIGTERM saves a checkpoint and exits cleanly. Multi-host jobs
-(TPU pods, SLURM, or JAX_COORDINATOR_ADDRESS set) start with
-jax.distributed.initialize().
+last checkpoint; SIGTERM saves a checkpoint and exits cleanly. Multi-process jobs
+(TPU pods, SLURM, JAX_COORDINATOR_ADDRESS set, or --coordinator_address=HOST:PORT
+--num_processes=N --process_id=I on each process) start with
+jax.distributed.initialize() (jaxkd.distributed).
 
 Errors in the command line, the config or the data print one line
 (``config error: ...``, ``data error: ...``, ``usage error: ...``) and exit
@@ -98,7 +99,20 @@ def _define_flags(prog: str, args: list[str], groups: Sequence[tuple[str, dict]]
           "with its unit and meaning, and exit without computing", flag_values=fv),
       "distributed": flags.DEFINE_enum(
           "distributed", "auto", ["auto", "yes", "no"], "call jax.distributed.initialize() "
-          "('auto': when the environment is multi-host)", flag_values=fv),
+          "('auto': when the environment is multi-host or --coordinator_address is given)",
+          flag_values=fv),
+      "coordinator_address": flags.DEFINE_string(
+          "coordinator_address", None, "HOST:PORT of process 0, where the processes of a "
+          "multi-process job meet (the same on every process)", flag_values=fv),
+      "num_processes": flags.DEFINE_integer(
+          "num_processes", None, "number of processes of the job (with --coordinator_address)",
+          flag_values=fv),
+      "process_id": flags.DEFINE_integer(
+          "process_id", None, "this process's index, 0 .. num_processes-1 (with "
+          "--coordinator_address)", flag_values=fv),
+      "heartbeat_timeout_seconds": flags.DEFINE_integer(
+          "heartbeat_timeout_seconds", 100, "multi-process jobs: a process silent this long "
+          "counts as dead and the others stop with an error", flag_values=fv),
       "progress": flags.DEFINE_bool("progress", True, "show progress bars", flag_values=fv),
   }
   fv["config"].parser = _ConfigFileParser(groups)
@@ -113,7 +127,8 @@ def _help(prog: str) -> str:
            "in --workdir, skipping finished ones; a killed run resumes from its last checkpoint.",
            "Mistakes in the command line, the config or the data print one line and exit with",
            "code 2; Ctrl-C exits with code 130.", "", "flags:"]
-  for name in ("config", "workdir", "print_config", "distributed", "progress"):
+  for name in ("config", "workdir", "print_config", "distributed", "coordinator_address",
+               "num_processes", "process_id", "heartbeat_timeout_seconds", "progress"):
     flag = fv[name]
     shown = f"--[no]{name}" if flag.boolean else f"--{name}"
     default = "" if flag.default is None else f" (default: {flag.default_as_str})"
@@ -223,6 +238,30 @@ def _multihost_environment() -> bool:
   return "," in hosts
 
 
+def _process_options(options: dict) -> dict:
+  """The --coordinator_address / --num_processes / --process_id given, checked (UsageError)."""
+  explicit = {k: options.get(k) for k in ("coordinator_address", "num_processes", "process_id")}
+  explicit = {k: v for k, v in explicit.items() if v is not None}
+  if not explicit:
+    return {}
+  if options["distributed"] == "no":
+    raise UsageError(f"--distributed=no contradicts --{next(iter(explicit))}; drop one of them")
+  address = explicit.get("coordinator_address")
+  if address is not None and not re.fullmatch(r"\[?[^\s\]]+\]?:\d{1,5}", address):
+    raise UsageError(f"--coordinator_address={address!r} is not HOST:PORT (e.g. "
+                     "--coordinator_address=node0:1234, the same on every process)")
+  n, i = explicit.get("num_processes"), explicit.get("process_id")
+  if n is not None and n < 1:
+    raise UsageError(f"--num_processes={n} must be at least 1")
+  if i is not None and (i < 0 or (n is not None and i >= n)):
+    raise UsageError(f"--process_id={i} must be in 0 .. {'num_processes-1' if n is None else n - 1}"
+                     " (one distinct index per process)")
+  if options["heartbeat_timeout_seconds"] < 1:
+    raise UsageError(f"--heartbeat_timeout_seconds={options['heartbeat_timeout_seconds']} must "
+                     "be at least 1")
+  return explicit
+
+
 def _loaded_class(module: str, name: str) -> type:
   """`module.name` if the module is imported, else a class nothing is an instance of.
 
@@ -259,10 +298,16 @@ def _run(config, options: dict) -> None:
     flags.FLAGS.mark_as_parsed()
   logging.use_absl_handler()
   logging.set_verbosity(logging.WARNING)  # TFDS logs every dataset it opens at INFO
-  import jax
+  explicit = _process_options(options)
   mode = options["distributed"]
-  if mode == "yes" or (mode == "auto" and _multihost_environment()):
-    jax.distributed.initialize()
+  if mode == "yes" or (mode == "auto" and (explicit or _multihost_environment())):
+    from jaxkd import distributed
+    try:
+      distributed.initialize(**explicit,
+                             heartbeat_timeout_seconds=options["heartbeat_timeout_seconds"])
+    except ValueError as e:  # JAX found no job to join (no address, no cluster environment)
+      raise UsageError(f"--distributed={mode}: {' '.join(str(e).split())}; give "
+                       "--coordinator_address=HOST:PORT --num_processes=N --process_id=I") from None
   from jaxkd import experiment
   experiment.run(config, options["workdir"], progress=options["progress"])
 

@@ -41,9 +41,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from jaxkd import config as schema
-from jaxkd import models, schedules
+from jaxkd import distributed, models, schedules
 from jaxkd.config import ConfigError, compute_dtype, validate
 from jaxkd.train.state import replicate
 from jaxkd.train.step import LossConfig
@@ -86,6 +87,15 @@ class _Context:
     return int(self.config.augment.image_size)
 
   def check_stop(self, where: str) -> None:
+    """Raises StopRequested when any process was asked to stop (every process calls it at the
+    same point: with several processes it is a collective)."""
+    from jaxkd.train.checkpoint import StopRequested
+    stopping, signum = distributed.any_stop(self.stop)
+    if stopping:
+      raise StopRequested(signum, where)
+
+  def check_stop_here(self, where: str) -> None:
+    """check_stop for work that runs on this process alone (no collective)."""
     from jaxkd.train.checkpoint import StopRequested
     if self.stop is not None and self.stop.requested:
       raise StopRequested(self.stop.signum, where)
@@ -95,7 +105,7 @@ class _Context:
 
 
 def _log(msg: str) -> None:
-  if jax.process_index() == 0:
+  if distributed.is_main():
     print(f"[jaxkd] {msg}", flush=True)
 
 
@@ -367,8 +377,12 @@ def _store(ctx: _Context, teacher: Trained):
   logits_fn = make_logits_fn(teacher.model, ctx.mesh)
   variables = replicate(teacher.variables, ctx.mesh)
   batch_size = int(config.teacher_logits.batch_size)
+  several = jax.process_count() > 1
 
   def batches(start_batch: int = 0):
+    # Every process computes its rows of each global batch; process 0 writes the whole batch
+    # (keys and weights of every process, the logits gathered), from where it stopped before.
+    start_batch = distributed.broadcast_int(start_batch)
     it = pipeline.eval_batches(source, split, global_batch_size=batch_size,
                                augment=dict(config.augment), image_size=ctx.image_size,
                                num_parallel_calls=config.data.num_parallel_calls,
@@ -376,15 +390,30 @@ def _store(ctx: _Context, teacher: Trained):
     for i, b in enumerate(it, start_batch):
       ctx.check_stop(f"during the teacher-logit precompute (batch {i}); the finished batches "
                      "are kept")
+      if several:
+        b = {"image": b["image"], "key": np.array(distributed.gather_strings(b["key"])),
+             "weight": distributed.gather_rows(b["weight"])}
       yield b
 
-  return teacher_store.precompute(
-      batches, lambda images: logits_fn(variables, images), dataset=source.name,
+  def teacher_logits(images):
+    logits = logits_fn(variables, images)
+    return distributed.gather_rows(logits) if several else logits  # one process: fetched later
+
+  if not distributed.is_main():  # the same batches and teacher calls as process 0's writer
+    for b in batches():
+      if (b["weight"] > 0).any():
+        teacher_logits(b["image"])
+    distributed.barrier(f"jaxkd-teacher-logits-{tid}")
+    return teacher_store.TeacherStore.open(store_dir, expect=expect, verify=False, hint=hint)
+  store = teacher_store.precompute(
+      batches, teacher_logits, dataset=source.name,
       version=source.version, split=split, teacher_id=tid,
       num_examples=source.num_examples(split), num_classes=source.num_classes,
       class_names=list(source.class_names), preprocessing=_preprocessing(config),
       teacher_info={"model": teacher.name}, store_dir=store_dir,
       dtype=config.teacher_logits.dtype, progress=ctx.progress, hint=hint)
+  distributed.barrier(f"jaxkd-teacher-logits-{tid}")
+  return store
 
 
 def _teacher_logits(ctx: _Context, teachers: list[Trained]):
@@ -467,7 +496,7 @@ def _evaluate(ctx: _Context, trained: dict[str, Trained]) -> dict:
           desc=f"evaluate {role} {split}", progress=ctx.progress)
       _log(f"evaluate: {role} {split} top-1 {res['top1']:.4f} top-5 {res['top5']:.4f} "
            f"({res['num_examples']} examples)")
-      if jax.process_index() == 0:
+      if distributed.is_main():
         write_json(path, res)
       results[(role, split)] = res
   ctx.workdir.mark("evaluate", {"results": {f"{r}/{s}": {"top1": v["top1"], "top5": v["top5"]}
@@ -512,6 +541,8 @@ def _export(ctx: _Context, trained: dict[str, Trained]) -> list[dict]:
   if why:
     _skip(wd, "export", why)
     return []
+  if not distributed.is_main():  # process 0 exports; the others wait for it at the end of run
+    return []
   role = config.export.role
   model, variables = trained[role].model, trained[role].variables
   aug = config.augment
@@ -531,11 +562,11 @@ def _export(ctx: _Context, trained: dict[str, Trained]) -> list[dict]:
       _log(f"export: keeping the finished {out}")
       result = json.loads(meta.read_text())
     else:
-      ctx.check_stop(where)
+      ctx.check_stop_here(where)
 
       def say(line, where=where):
         _log(line)
-        ctx.check_stop(where)
+        ctx.check_stop_here(where)
 
       result = export_lib.export(
           deployable, format, quantize, out, verify_source=ctx.source, verify_split=split,
@@ -555,13 +586,14 @@ def _report(ctx: _Context, results: dict, exports: list[dict]) -> dict:
   """Stage 6: report.md / report.json and the plots; prints report.md."""
   from jaxkd.train import report as report_lib
   wd = ctx.workdir
+  if not distributed.is_main():  # process 0 writes the report and plots
+    return {}
   training = {role: wd.done(role) for role in schema.ROLES if ctx.config[role].enabled}
   report = report_lib.write_report(ctx.config, wd.path, source=ctx.source, results=results,
                                    splits=ctx.eval_splits(), data_splits=data_splits(ctx.source),
                                    training=training, exports=exports)
   wd.mark("report", {"report": str(wd.path / "report.md")})
-  if jax.process_index() == 0:
-    print((wd.path / "report.md").read_text())
+  print((wd.path / "report.md").read_text())
   return report
 
 
@@ -577,8 +609,10 @@ def _run_stages(ctx: _Context) -> dict:
   results = _evaluate(ctx, trained)
   ctx.check_stop("after the evaluation")
   exports = _export(ctx, trained)
-  ctx.check_stop("after the export stage")
-  return _report(ctx, results, exports)
+  ctx.check_stop_here("after the export stage")
+  report = _report(ctx, results, exports)
+  distributed.barrier("jaxkd-experiment-done")  # the others wait for process 0's files
+  return report
 
 
 # ----------------------------------------------------------------------------- run
@@ -591,6 +625,21 @@ def _get_source(config):
                     val_fraction=float(data.val_fraction), split_seed=int(data.split_seed),
                     download=bool(data.download), version=data.version,
                     skip_bad_images=bool(data.skip_bad_images))
+
+
+def _prepared_source(config):
+  """The data source; with several processes, process 0 prepares it first (builds the TFDS
+  dataset, checks and indexes the image folder, writes the caches) while the others wait, so
+  no two processes write the same files."""
+  if jax.process_count() == 1:
+    return _get_source(config)
+  source = None
+  if distributed.is_main():
+    source = _get_source(config)
+    for split in source.splits:
+      source.num_examples(split)
+  distributed.barrier("jaxkd-data-prepared")
+  return source if source is not None else _get_source(config)
 
 
 def _check_training(config, wd: Workdir, source) -> None:
@@ -646,10 +695,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
       _skip(wd, "export", why_no_export)
     if _export_done(wd, config):
       report = json.loads((wd.path / "report.json").read_text())
-      print((wd.path / "report.md").read_text())
+      if distributed.is_main():
+        print((wd.path / "report.md").read_text())
       return report
 
-  source = _get_source(config)
+  source = _prepared_source(config)
   wd.check_dataset(source)
   stop = install_stop_handler()
   try:
@@ -660,8 +710,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     ctx = _Context(config=config, workdir=wd, source=source, mesh=data_mesh(), models=built,
                    stop=stop, progress=progress)
     splits = " / ".join(f"{s} {source.num_examples(s)}" for s in data_splits(source))
+    processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
     _log(f"{source.name} {source.version}: {source.num_classes} classes, {splits}; "
-         f"{jax.device_count()} {jax.default_backend()} device(s), compute dtype "
+         f"{jax.device_count()} {jax.default_backend()} device(s){processes}, compute dtype "
          f"{jnp.dtype(dtype).name}")
     missing = [s for s in config.evaluate.splits if s not in source.splits]
     if missing:

@@ -1,23 +1,26 @@
 """Feeding batches to JAX: deterministic, resumable, host-sharded tf.data pipelines.
 
-Training stream (``train_batches``), per host ``h`` of ``P``:
+Training stream (``train_batches``): one global order, whatever the number of hosts ``P``:
 
-* reads only its contiguous ``1/P`` slice of the official split (``shard=(h, P)``),
-  keeps the examples of the requested split (key lookup table), so it holds
-  ``n_h`` examples;
-* host epoch ``e`` = those records shuffled with seed ``f(seed, h, e)`` (a full
+* global epoch ``e`` = the split's records shuffled with seed ``f(seed, e)`` (a full
   permutation for image-folder sources, whose records are file names; a
   ``shuffle_buffer``-record window for TFDS, whose files TFDS already wrote in a
-  hashed-key, i.e. class-mixed, order); epochs are
-  concatenated forever (repeat) and cut into local batches of ``B / P``
-  (``drop_remainder``; batches may straddle an epoch boundary, as with repeat-then-batch);
+  hashed-key, i.e. class-mixed, order); epochs are concatenated forever (repeat) and cut
+  into global batches of ``B`` (batches may straddle an epoch boundary, as with
+  repeat-then-batch);
+* host ``h`` takes rows ``[h B/P, (h+1) B/P)`` of every global batch, the rows that
+  ``jax.make_array_from_process_local_data`` places on its devices, and decodes only those
+  (every host reads the split's records; with several hosts each reads them all, and decodes
+  ``1/P`` of them). So global batch ``k`` is the same set of examples, in the same order, for
+  any number of hosts and devices: a run resumes exactly on another process or device count;
 * augmentation randomness is stateless, keyed by ``(seed, hash(key), epoch)`` per
-  example and ``(seed, h, step)`` per batch (MixUp/CutMix), so it does not depend on
-  threads or on where the stream was (re)started;
-* ``start_step=N`` resumes exactly: the stream position is ``N * B / P`` examples,
-  i.e. epoch ``N B/P // n_h`` and offset ``N B/P % n_h``; the skipped records are
-  never decoded. ``train_batches(..., start_step=N)`` yields the same batches as the
-  uninterrupted stream from step N.
+  example, so it does not depend on threads, hosts or where the stream was (re)started;
+  MixUp/CutMix pairs examples within a host's rows, keyed by ``(seed, h, step)`` (the one
+  part of the stream that depends on ``P``);
+* ``start_step=N`` resumes exactly: the stream position is ``N * B`` examples, i.e. epoch
+  ``N B // n`` and offset ``N B % n``; the skipped records are never decoded.
+  ``train_batches(..., start_step=N)`` yields the same batches as the uninterrupted
+  stream from step N.
 
 Evaluation stream (``eval_batches``): one pass, every example exactly once.
 All hosts read the split's records in the same order, host ``h`` keeps elements
@@ -145,24 +148,29 @@ def train_dataset(source: Source, split: str = "train", *, global_batch_size: in
   cfg = augment_lib.as_config(augment, **({"image_size": image_size} if image_size else {}))
   pi, pc = _process(process_index, process_count)
   local = local_batch_size(global_batch_size, num_devices=num_devices, process_count=pc)
-  shard = (pi, pc) if pc > 1 else None
-  n_host = source.num_examples(split, shard=shard)
-  if n_host == 0:
-    raise ValueError(f"split {split!r} of {source.name!r} has no examples on process {pi}/{pc}")
+  n = source.num_examples(split)
+  if n == 0:
+    raise ValueError(f"split {split!r} of {source.name!r} has no examples")
   npc = _npc(num_parallel_calls)
-  records = source.records(split, shard=shard)
-  buffer = n_host if source.records_are_cheap else max(1, min(int(shuffle_buffer), n_host))
-  epoch0, offset = divmod(start_step * local, n_host)
+  records = source.records(split)
+  buffer = n if source.records_are_cheap else max(1, min(int(shuffle_buffer), n))
+  epoch0, offset = divmod(start_step * global_batch_size, n)
   base_seed = tf.constant(int(seed), tf.int64)
 
   def epoch(e):
     e = tf.cast(e, tf.int64)
-    shuffle_seed = (base_seed * _MIX + pi) * _MIX + e
+    # (seed, 0, e): the seed a single host always used, so one-host runs keep their order.
+    shuffle_seed = base_seed * _MIX * _MIX + e
     ds = records.shuffle(buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
     return ds.map(lambda r: {**r, "_epoch": e})
 
   ds = epoch(epoch0).skip(offset)
   ds = ds.concatenate(tf.data.Dataset.range(epoch0 + 1, _NEVER).flat_map(epoch))
+  if pc > 1:  # this host's rows of every global batch, before anything is decoded
+    first = pi * local
+    ds = ds.enumerate().filter(
+        lambda i, r: (i % global_batch_size >= first) & (i % global_batch_size < first + local))
+    ds = ds.map(lambda i, r: r)
   if source.load_fn is not None:
     load_fn = source.load_fn
     ds = ds.map(lambda r: {**load_fn(r), "_epoch": r["_epoch"]}, num_parallel_calls=npc,

@@ -45,6 +45,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxkd import distributed
 from jaxkd.train.optim import config_get
 from jaxkd.train.state import TrainState, abstract_state
 
@@ -326,7 +327,7 @@ def fit(state: TrainState, train_step: Callable[..., tuple[TrainState, dict]], s
         raise ValueError(f"checkpoint in {ckpt.directory} was made with seed {position['seed']}, "
                          f"the config says {spec.seed}; use the same seed or a new workdir")
     step = int(jax.device_get(state.step))
-    if restored is not None and jax.process_index() == 0:
+    if restored is not None and distributed.is_main():
       print(f"[{desc}] resuming from the checkpoint at step {step} of {total}", flush=True)
     adaptive = dict(getattr(train_step, "adaptive", None) or {})
     current = tuple(getattr(train_step, "current_value_keys", ()))
@@ -346,7 +347,8 @@ def fit(state: TrainState, train_step: Callable[..., tuple[TrainState, dict]], s
       latest = ckpt.latest_step()
       return result(None if latest is None else _val_of(ckpt.metrics(latest)))
 
-    _truncate_metrics_after(stage_dir / "metrics.jsonl", step)
+    if distributed.is_main():
+      _truncate_metrics_after(stage_dir / "metrics.jsonl", step)
     writer = MetricsWriter(stage_dir, tensorboard=spec.tensorboard)
     batches = train_batches(step)
     bar = tqdm(total=total * spec.batch_size, initial=step * spec.batch_size, unit="img",
@@ -356,6 +358,10 @@ def fit(state: TrainState, train_step: Callable[..., tuple[TrainState, dict]], s
                                enabled=not spec.progress and jax.process_index() == 0)
     pending: list[dict] = []
     last_val = None
+    def say(line: str) -> None:
+      if distributed.is_main():
+        bar.write(line)
+
     while step < total:
       batch = next(batches)
       state, metrics = train_step(state, batch, teacher_variables, hparams or None)
@@ -376,7 +382,7 @@ def fit(state: TrainState, train_step: Callable[..., tuple[TrainState, dict]], s
         last_val = _checked_val(evaluate(state.variables()), desc)
         scalars = {k: last_val[k] for k in ("top1", "top5", "loss") if k in last_val}
         writer.write(step, {**scalars, "epoch": step / spe}, kind=f"eval_{spec.eval_name}")
-        bar.write(f"{desc}: step {step} epoch {step / spe:.2f} {spec.eval_name} "
+        say(f"{desc}: step {step} epoch {step / spe:.2f} {spec.eval_name} "
                   + " ".join(f"{k.replace('top', 'top-')} {v:.4f}" for k, v in scalars.items()
                              if k != "loss"))
         saved_metrics = {f"val_{k}": v for k, v in scalars.items()}
@@ -385,7 +391,7 @@ def fit(state: TrainState, train_step: Callable[..., tuple[TrainState, dict]], s
         for name, rule in adaptive.items():
           value = float(rule(float(last_val["top1"])))
           if value != hparams[name]:
-            bar.write(f"{desc}: step {step}: {name} {hparams[name]:g} -> {value:g} (val top-1 "
+            say(f"{desc}: step {step}: {name} {hparams[name]:g} -> {value:g} (val top-1 "
                       f"{float(last_val['top1']):.4f}; rule {rule.describe()})")
             writer.write(step, {name: value, "epoch": step / spe}, kind="hparams")
           hparams[name] = value
@@ -394,11 +400,12 @@ def fit(state: TrainState, train_step: Callable[..., tuple[TrainState, dict]], s
         position["hparams"] = dict(hparams)
       ckpt.maybe_save(state, position, step=step, metrics=saved_metrics)
       # A stop request is served after this step's evaluation, so the checkpoint carries the
-      # values an evaluation sets (the 'from_accuracy' temperature).
-      if stop is not None and stop.requested:
+      # values an evaluation sets (the 'from_accuracy' temperature). Every process stops at the
+      # same step when any of them was asked to (a signal reaches one host).
+      stopping, signum = distributed.any_stop(stop)
+      if stopping:
         ckpt.maybe_save(state, position, step=step, force=True)
-        raise StopRequested(stop.signum, f"during {desc} training at step {step}; "
-                            "checkpoint saved")
+        raise StopRequested(signum, f"during {desc} training at step {step}; checkpoint saved")
     return result(last_val)
   finally:
     if bar is not None:

@@ -835,8 +835,9 @@ def make_logits_fn(model: nn.Module, mesh: Mesh) -> Callable[[PyTree, Any], jax.
   or a jax.Array already sharded that way. A single process pads B up to a
   multiple of the mesh's 'data' size with zero images and drops their rows
   from the result; with several processes the global batch must divide.
-  The logits come back as a jax.Array split along 'data' (`np.asarray` gathers
-  them); e.g. the teacher's logits for the teacher-logit store.
+  The logits come back as a jax.Array split along 'data' (with one process
+  `np.asarray` gathers them; with several, `jaxkd.distributed.gather_rows`); e.g.
+  the teacher's logits for the teacher-logit store.
   """
   if "data" not in mesh.axis_names:
     raise ValueError(f"mesh must have a 'data' axis, got axes {mesh.axis_names}")
