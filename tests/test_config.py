@@ -297,6 +297,16 @@ def test_in_process_errors_are_one_line(tmp_path, capsys):
        "config error: config.student.model_kwargs.attention='foo': use one of", ""),
       (["--workdir=w", "--config.student.epochs=2"], "usage error: --config.KEY overrides need",
        ""),
+      # Multi-process flags, refused before JAX starts.
+      ([f"--config={MINI}", "--workdir=w", "--coordinator_address=node0:1234",
+        "--num_processes=2", "--process_id=2"], "usage error: --process_id=2 must be in 0 .. 1",
+       ""),
+      ([f"--config={MINI}", "--workdir=w", "--coordinator_address=node0", "--num_processes=2",
+        "--process_id=0"], "usage error: --coordinator_address='node0' is not HOST:PORT", ""),
+      ([f"--config={MINI}", "--workdir=w", "--distributed=no", "--coordinator_address=node0:1"],
+       "usage error: --distributed=no contradicts --coordinator_address", ""),
+      ([f"--config={MINI}", "--workdir=w", "--num_processes=0"],
+       "usage error: --num_processes=0 must be at least 1", ""),
   ]
   for args, start, contains in cases:
     with pytest.raises(SystemExit) as e:

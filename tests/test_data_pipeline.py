@@ -215,6 +215,32 @@ def test_train_stream_deterministic_and_resumable(cifar, data_variant):
         np.testing.assert_array_equal(a[k], b[k], err_msg=f"start_step={start}, field {k}")
 
 
+def test_train_stream_is_the_same_for_any_process_count(cifar, data_variant):
+  """The hosts' local batches, concatenated in process order, are the one-host global batches
+  (images bit for bit), also resumed, so a run continues exactly on another process count."""
+  bs = 64 if data_variant == "real" else 8
+  kw = dict(global_batch_size=bs, seed=3, num_devices=8,
+            augment={"image_size": 16, "color_jitter": (0.4, 0.4, 0.4, 0.1)})
+  steps = 5  # crosses the end of epoch 0 (see test_train_stream_deterministic_and_resumable)
+
+  def hosts(count, start_step=0, **extra):
+    streams = [data.train_dataset(cifar, "val", process_index=h, process_count=count,
+                                  start_step=start_step, **kw, **extra).as_numpy_iterator()
+               for h in range(count)]
+    return [{k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
+            for parts in zip(*[[next(s) for _ in range(steps - start_step)] for s in streams])]
+
+  one = hosts(1)
+  _assert_same_batches(one, hosts(2), "2 hosts")
+  _assert_same_batches(one, hosts(4), "4 hosts")
+  _assert_same_batches(one[2:], hosts(2, start_step=2), "2 hosts from step 2")
+  # With MixUp the examples are the same; the pairs are drawn within each host's rows.
+  mixed = dict(augment={**kw["augment"], "mixup_alpha": 0.2})
+  kw.pop("augment")
+  for a, b in zip(hosts(1, **mixed), hosts(2, **mixed)):
+    np.testing.assert_array_equal(a["key"], b["key"])
+
+
 def test_teacher_logits_joined_by_key_after_shuffle(food):
   keys, _ = food.index("trainval")
   num_classes = food.num_classes
