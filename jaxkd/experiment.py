@@ -29,6 +29,11 @@ config.export.* is one of them, so adding an export to a finished run runs the e
 the data's identity (its folder fingerprint) is kept in ``dataset.json`` and must not change
 either. SIGINT and SIGTERM stop at the next safe point with the work saved (`StopRequested`).
 Each model is built once per run.
+
+With several processes (`jaxkd.distributed`) every process runs the same stages in step: they
+train and evaluate together, write and restore checkpoints together, and compute the teacher's
+logits together; process 0 alone writes the other files (markers, store, evaluations, exports,
+report) and prints, and the others wait for it at the end.
 """
 from __future__ import annotations
 

@@ -77,11 +77,32 @@ def _run(workdir, data, *extra, timeout=600, devices=8):
                         capture_output=True, text=True, timeout=timeout)
 
 
-def _errors(proc) -> list[str]:
-  """stderr lines that are jaxkd's own (TensorFlow / absl print start-up chatter there)."""
-  return [x for x in proc.stderr.splitlines()
+def _in_process(capsys, workdir, data, *extra):
+  """The same command line run by jaxkd.cli.main inside the test process (its 8 CPU devices are
+  up already), for runs that stop before any training or only print: saves a process start.
+  Returns (exit code, stdout, stderr)."""
+  from jaxkd import cli
+  args = [a.replace("=configs/", f"={ROOT}/configs/", 1) for a in _cmd(workdir, data, *extra)[2:]]
+  capsys.readouterr()
+  try:
+    cli.main(args)
+    code = 0
+  except SystemExit as e:
+    code = e.code
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def _error_lines(stderr: str) -> list[str]:
+  """The lines of `stderr` that are jaxkd's own (TensorFlow / absl print start-up chatter there)."""
+  return [x for x in stderr.splitlines()
           if x.startswith(("config error", "data error", "store error", "training error", "stopped",
                            "interrupted", "Traceback"))]
+
+
+def _errors(proc) -> list[str]:
+  """stderr lines that are jaxkd's own (TensorFlow / absl print start-up chatter there)."""
+  return _error_lines(proc.stderr)
 
 
 @pytest.fixture(scope="module")
@@ -157,25 +178,25 @@ def test_full_pipeline_on_real_photos(shared_data, tfds_data_dir, tmp_path):
   _check_finished_run(wd, proc, 400)  # 20% of each class's 200 images
 
 
-def test_rerun_accepts_harmless_changes_and_refuses_others(food_data, finished, tmp_path):
+def test_rerun_accepts_harmless_changes_and_refuses_others(food_data, finished, tmp_path, capsys):
   folder, data_dir = food_data
   wd, _ = finished
   # A rerun prints the report; settings that change no result (eval batch size, logging, the same
   # folder by another path) are accepted.
   alias = tmp_path / "alias"
   alias.symlink_to(folder, target_is_directory=True)
-  second = _run(wd, (alias, data_dir), "--config.evaluate.batch_size=80",
-                "--config.student.log_every_steps=3")
-  assert second.returncode == 0, second.stderr[-3000:]
-  assert "| resnet8 | student |" in second.stdout
+  code, out, err = _in_process(capsys, wd, (alias, data_dir), "--config.evaluate.batch_size=80",
+                               "--config.student.log_every_steps=3")
+  assert code == 0, err[-3000:]
+  assert "| resnet8 | student |" in out
   # No stage ran again.
-  assert ": training" not in second.stdout and "evaluate:" not in second.stdout
-  assert "settings that change no result:" in second.stdout
-  assert "evaluate.batch_size: 200 -> 80" in second.stdout
+  assert ": training" not in out and "evaluate:" not in out
+  assert "settings that change no result:" in out
+  assert "evaluate.batch_size: 200 -> 80" in out
   # A result-changing key is refused in one line naming it, saying how to reuse the teacher.
-  third = _run(wd, food_data, "--config.student.loss.temperature=2.0")
-  assert third.returncode == 2
-  (err,) = _errors(third)
+  code, _, err = _in_process(capsys, wd, food_data, "--config.student.loss.temperature=2.0")
+  assert code == 2
+  (err,) = _error_lines(err)
   assert err.startswith("config error") and "config.student.loss.temperature" in err
   assert f"--config.teacher.pretrained={wd}" in err
 
@@ -302,21 +323,23 @@ def test_handoff_best_hands_on_the_best_checkpoint(finished):
   assert "handed on: the best checkpoint" in (wd / "report.md").read_text()
 
 
-def test_config_errors_before_compute(food_data, tmp_path):
-  bad = _run(tmp_path / "a", food_data, "--config.student.batch_size=60")
-  assert bad.returncode == 2 and "config.student.batch_size=60" in bad.stderr
+def test_config_errors_before_compute(food_data, tmp_path, capsys):
+  code, _, err = _in_process(capsys, tmp_path / "a", food_data, "--config.student.batch_size=60")
+  assert code == 2 and "config.student.batch_size=60" in err
   assert not (tmp_path / "a" / "teacher").exists()
-  missing = _run(tmp_path / "b", (tmp_path / "nonexistent" / "food", food_data[1]))
-  assert missing.returncode == 2 and "config.data.manual_dir" in missing.stderr
+  code, _, err = _in_process(capsys, tmp_path / "b", (tmp_path / "nonexistent" / "food",
+                                                      food_data[1]))
+  assert code == 2 and "config.data.manual_dir" in err
   # A typo of a key: tests/test_config.py::test_main_py_prints_one_line_and_exits_2.
 
 
-def test_unwritable_store_is_refused_before_the_teacher_trains(food_data, tmp_path):
+def test_unwritable_store_is_refused_before_the_teacher_trains(food_data, tmp_path, capsys):
   blocker = tmp_path / "a_file"
   blocker.write_text("not a folder")
-  proc = _run(tmp_path / "wd", food_data, f"--config.teacher_logits.store_dir={blocker / 'stores'}")
-  assert proc.returncode == 2, proc.stderr[-3000:]
-  (err,) = _errors(proc)
+  code, _, err = _in_process(capsys, tmp_path / "wd", food_data,
+                             f"--config.teacher_logits.store_dir={blocker / 'stores'}")
+  assert code == 2, err[-3000:]
+  (err,) = _error_lines(err)
   assert "config.teacher_logits.store_dir" in err and str(blocker) in err
   assert not (tmp_path / "wd" / "teacher" / "checkpoints").exists()
 
@@ -444,7 +467,7 @@ def _store_rows(store):
 
 
 def test_two_processes_match_one_and_a_killed_process_stops_the_job(food_data, finished,
-                                                                     tmp_path):
+                                                                     tmp_path, capsys):
   """The tiny run as 2 processes x 4 CPU devices (JAX's cross-process CPU collectives), with the
   teacher of the 1 process x 8 devices run: killed mid-student, the other process stops within the
   heartbeat timeout; rerun, it resumes, and the results are those of the 1 x 8 run."""
@@ -455,9 +478,9 @@ def test_two_processes_match_one_and_a_killed_process_stops_the_job(food_data, f
   # The finished teacher, reused in a new workdir, has the same logit store: damaged, it is refused
   # in one line whose advice works (the two processes below compute it again, where it was).
   (store / "manifest.json").write_text("{not json")
-  damaged = _run(tmp_path / "damaged", food_data, *reuse)
-  assert damaged.returncode == 2, damaged.stderr[-3000:]
-  (err,) = _errors(damaged)
+  code, _, err = _in_process(capsys, tmp_path / "damaged", food_data, *reuse)
+  assert code == 2, err[-3000:]
+  (err,) = _error_lines(err)
   assert err.startswith("store error") and f"delete the folder {store}" in err
   shutil.rmtree(store)
 

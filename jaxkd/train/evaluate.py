@@ -63,8 +63,8 @@ def evaluate(eval_step: Callable, variables: Any, batches: Iterable[Mapping[str,
 
   def outputs():
     pending = None
-    for batch in tqdm(batches, total=total, desc=desc, unit="batch", disable=not progress,
-                      leave=False):
+    for batch in tqdm(batches, total=total, desc=desc, unit="batch", leave=False,
+                      disable=not progress or jax.process_index() != 0):
       out = eval_step(variables, batch)
       out = {k: out[k] for k in keep}
       if pending is not None:
