@@ -614,7 +614,7 @@ def _run_stages(ctx: _Context) -> dict:
   results = _evaluate(ctx, trained)
   ctx.check_stop("after the evaluation")
   exports = _export(ctx, trained)
-  ctx.check_stop_here("after the export stage")
+  ctx.check_stop("after the export stage")  # the others wait here while process 0 exports
   report = _report(ctx, results, exports)
   distributed.barrier("jaxkd-experiment-done")  # the others wait for process 0's files
   return report

@@ -358,7 +358,8 @@ def fit(state: TrainState, train_step: Callable[..., tuple[TrainState, dict]], s
                                enabled=not spec.progress and jax.process_index() == 0)
     pending: list[dict] = []
     last_val = None
-    def say(line: str) -> None:
+
+    def say(line: str) -> None:  # process 0 prints
       if distributed.is_main():
         bar.write(line)
 
