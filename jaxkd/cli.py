@@ -23,7 +23,7 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from absl import flags, logging
@@ -32,7 +32,7 @@ from ml_collections import config_flags
 from jaxkd import config as schema
 from jaxkd.config import ConfigError
 
-__all__ = ["main", "console_main", "parse_args", "UsageError"]
+__all__ = ["main", "console_main", "parse_args", "exit_on_error", "UsageError"]
 
 _HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpfull", "--helpshort")
 _OVERRIDE = re.compile(r"^--?(no)?config\.([^=]+)(?:=(.*))?$", re.DOTALL)
@@ -120,15 +120,14 @@ def _define_flags(prog: str, args: list[str], groups: Sequence[tuple[str, dict]]
 
 
 def _help(prog: str) -> str:
-  fv, _ = _define_flags(prog, [])
+  fv, holders = _define_flags(prog, [])
   lines = [f"usage: {prog} --config=CONFIG.py --workdir=DIR [--config.KEY=VALUE ...]",
            f"       {prog} --config=CONFIG.py --print_config [--config.KEY=VALUE ...]", "",
            "Runs the stages of an experiment (teacher, teacher_logits, student, evaluate, report)",
            "in --workdir, skipping finished ones; a killed run resumes from its last checkpoint.",
            "Mistakes in the command line, the config or the data print one line and exit with",
            "code 2; Ctrl-C exits with code 130.", "", "flags:"]
-  for name in ("config", "workdir", "print_config", "distributed", "coordinator_address",
-               "num_processes", "process_id", "heartbeat_timeout_seconds", "progress"):
+  for name in holders:
     flag = fv[name]
     shown = f"--[no]{name}" if flag.boolean else f"--{name}"
     default = "" if flag.default is None else f" (default: {flag.default_as_str})"
@@ -271,8 +270,10 @@ def _loaded_class(module: str, name: str) -> type:
   return getattr(sys.modules.get(module), name, type(None))
 
 
-def _pipeline_error(e: BaseException) -> tuple[str, str, int] | None:
-  """(label, message, exit code) for the pipeline's own error types, None for any other."""
+def _pipeline_error(e: BaseException, rerun: str = "the same command"
+                    ) -> tuple[str, str, int] | None:
+  """(label, message, exit code) for the pipeline's own error types, None for any other; a stop
+  message tells the user to run `rerun` again."""
   if isinstance(e, _loaded_class("jaxkd.data.user_folders", "DataError")):
     return "data error", str(e), 2
   if isinstance(e, _loaded_class("jaxkd.teacher_store", "TeacherStoreError")):
@@ -281,7 +282,7 @@ def _pipeline_error(e: BaseException) -> tuple[str, str, int] | None:
     # SIGINT / SIGTERM: the stage saved its work at a safe point. Ctrl-C exits 130 (the shell's
     # convention); SIGTERM (a scheduler's preemption) exits 0 so the job counts as stopped cleanly.
     code = 130 if e.signum == signal.SIGINT else 0
-    return "stopped", f"{e}. Rerun the same command to resume.", code
+    return "stopped", f"{e}. Rerun {rerun} to resume.", code
   if isinstance(e, _loaded_class("jaxkd.train.loop", "NonFiniteLossError")):
     # The loss diverged: the message names the step, the value and what to try. Not a mistake in
     # the command line (2), a run that failed (1).
@@ -337,29 +338,40 @@ def main(argv: Sequence[str] | None = None) -> None:
   if any(a in _HELP_FLAGS for a in args):
     _print(_help(prog))
     return
-  try:
-    config, options = parse_args(args, prog)
-    if options["print_config"]:
-      config = config if config is not None else schema.base_config()
-      _print(schema.describe(config))
-      schema.check_values(config)
-      return
-    if config is None:
-      raise UsageError("--config is required, e.g. --config=configs/food101_mini.py (see --help)")
+  exit_on_error(lambda: _main(args, prog))
+
+
+def _main(args: list[str], prog: str) -> None:
+  config, options = parse_args(args, prog)
+  if options["print_config"]:
+    config = config if config is not None else schema.base_config()
+    _print(schema.describe(config))
     schema.check_values(config)
-    if not options["workdir"]:
-      raise UsageError("--workdir is required: the folder for checkpoints, metrics and the report "
-                       "(--print_config shows the config without running)")
-    _run(config, options)
+    return
+  if config is None:
+    raise UsageError("--config is required, e.g. --config=configs/food101_mini.py (see --help)")
+  schema.check_values(config)
+  if not options["workdir"]:
+    raise UsageError("--workdir is required: the folder for checkpoints, metrics and the report "
+                     "(--print_config shows the config without running)")
+  _run(config, options)
+
+
+def exit_on_error(body: Callable[[], Any], *, rerun: str = "the same command") -> None:
+  """Runs `body()`; a usage, config, data, store or training error, a stop request or Ctrl-C
+  becomes one line on stderr and SystemExit with its code (see `main`), telling the user to run
+  `rerun` again where that resumes. Any other exception propagates with its traceback."""
+  try:
+    body()
   except UsageError as e:
     _fail("usage error", e)
   except KeyboardInterrupt:
-    _fail("interrupted", "stopped by Ctrl-C; rerun the same command to resume from the last "
-          "checkpoint", code=130)
+    _fail("interrupted", f"stopped by Ctrl-C; rerun {rerun} to resume from the last checkpoint",
+          code=130)
   except ConfigError as e:
     _fail("config error", e)
   except Exception as e:  # noqa: BLE001  (only the pipeline's own error types; the rest re-raised)
-    known = _pipeline_error(e)
+    known = _pipeline_error(e, rerun)
     if known is None:
       raise
     label, message, code = known

@@ -188,7 +188,8 @@ def summarise(runs: Sequence[dict]) -> list[dict]:
   for entry in table.values():
     for name in ("val_top1", "test_top1", "wall_s"):
       values = entry.pop(name)
-      entry[name] = {"mean": _mean_std(values)[0], "std": _mean_std(values)[1], "runs": values}
+      mean, std = _mean_std(values)
+      entry[name] = {"mean": mean, "std": std, "runs": values}
     out.append(entry)
   return out
 
@@ -246,64 +247,51 @@ def main(argv: Sequence[str] | None = None) -> None:
   if any(a in ("--help", "-h") for a in args):
     print(__doc__)
     return
-  try:
-    shared, options = _parse(args)
-    runs = plan(shared, options)
-    root = options["workdir"]
-    root.mkdir(parents=True, exist_ok=True)
-    command = "python -m jaxkd.sweep " + " ".join(args)
-    configs = []
-    for run in runs:  # every run's config checked before any compute
-      config, run_options = cli.parse_args(run["args"], "jaxkd.sweep")
-      if config is None:
-        raise UsageError(f"--config is required. {_USAGE}")
-      schema.check_values(config)
-      configs.append(config)
-    teachers: dict[str, pathlib.Path] = {}
-    started = False
-    for i, (run, config) in enumerate(zip(runs, configs), 1):
-      key = _teacher_key(config)
-      wd = run["workdir"]
-      owner = teachers.setdefault(key, wd)
-      if _finished(wd):
-        continue
-      args_i = list(run["args"])
-      if owner != wd and config.teacher.enabled and not config.teacher.pretrained:
-        args_i += [f"--config.teacher.pretrained={owner}", "--config.teacher.epochs=0",
-                   "--config.teacher.handoff=last"]
-      config, run_options = cli.parse_args(args_i, "jaxkd.sweep")
-      print(f"[sweep] run {i}/{len(runs)}: {run['setting']} seed {run['seed']} -> {wd}",
-            flush=True)
-      run_options = {**run_options, "progress": options["progress"]}
-      if started:  # jax.distributed starts once per process: with the first run
-        run_options.update(distributed="no", coordinator_address=None, num_processes=None,
-                           process_id=None)
-      started = True
-      start = time.time()
-      try:
-        cli._run(config, run_options)
-      finally:
-        wd.mkdir(parents=True, exist_ok=True)
-        previous = (json.loads(_wall_file(wd).read_text())["wall_s"]
-                    if _wall_file(wd).exists() else 0.0)
-        _wall_file(wd).write_text(json.dumps({"wall_s": previous + time.time() - start}))
-        write_table(root, summarise(runs), command)
-    write_table(root, summarise(runs), command)
-    print((root / "sweep.md").read_text(), flush=True)
-  except UsageError as e:
-    cli._fail("usage error", e)
-  except KeyboardInterrupt:
-    cli._fail("interrupted", "stopped by Ctrl-C; rerun the same command to resume the sweep",
-              code=130)
-  except ConfigError as e:
-    cli._fail("config error", e)
-  except Exception as e:  # noqa: BLE001  (only the pipeline's own error types; the rest re-raised)
-    known = cli._pipeline_error(e)
-    if known is None:
-      raise
-    label, message, code = known
-    cli._fail(label, message.replace("Rerun the same command to resume.",
-                                     "Rerun the same sweep command to resume."), code=code)
+  cli.exit_on_error(lambda: _sweep(args), rerun="the same sweep command")
+
+
+def _sweep(args: list[str]) -> None:
+  shared, options = _parse(args)
+  runs = plan(shared, options)
+  root = options["workdir"]
+  root.mkdir(parents=True, exist_ok=True)
+  command = "python -m jaxkd.sweep " + " ".join(args)
+  parsed = []
+  for run in runs:  # every run's config checked before any compute
+    config, run_options = cli.parse_args(run["args"], "jaxkd.sweep")
+    if config is None:
+      raise UsageError(f"--config is required. {_USAGE}")
+    schema.check_values(config)
+    parsed.append((config, run_options))
+  teachers: dict[str, pathlib.Path] = {}
+  started = False
+  for i, (run, (config, run_options)) in enumerate(zip(runs, parsed), 1):
+    wd = run["workdir"]
+    owner = teachers.setdefault(_teacher_key(config), wd)
+    if _finished(wd):
+      continue
+    if owner != wd and config.teacher.enabled and not config.teacher.pretrained:
+      config, run_options = cli.parse_args(
+          [*run["args"], f"--config.teacher.pretrained={owner}", "--config.teacher.epochs=0",
+           "--config.teacher.handoff=last"], "jaxkd.sweep")
+    print(f"[sweep] run {i}/{len(runs)}: {run['setting']} seed {run['seed']} -> {wd}",
+          flush=True)
+    run_options = {**run_options, "progress": options["progress"]}
+    if started:  # jax.distributed starts once per process: with the first run
+      run_options.update(distributed="no", coordinator_address=None, num_processes=None,
+                         process_id=None)
+    started = True
+    start = time.time()
+    try:
+      cli._run(config, run_options)
+    finally:
+      wd.mkdir(parents=True, exist_ok=True)
+      previous = (json.loads(_wall_file(wd).read_text())["wall_s"]
+                  if _wall_file(wd).exists() else 0.0)
+      _wall_file(wd).write_text(json.dumps({"wall_s": previous + time.time() - start}))
+      write_table(root, summarise(runs), command)
+  write_table(root, summarise(runs), command)
+  print((root / "sweep.md").read_text(), flush=True)
 
 
 if __name__ == "__main__":
