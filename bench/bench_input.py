@@ -6,7 +6,11 @@ functions the training/eval pipelines use) for several ``num_parallel_calls``:
 
 * ``train``: fused decode-and-crop random-resized crop + flip + colour jitter
   (0.4, 0.4, 0.4, 0.1), normalised float32;
-* ``eval``: fused decode of the 0.875 centre crop, resize, normalised float32.
+* ``eval``: fused decode of the 0.875 centre crop, resize, normalised float32;
+* ``train, op by op`` / ``eval, op by op``: the same images through the same operations, with the
+  colour jitter and normalisation run op by op as TensorFlow kernels instead of the XLA-compiled
+  function the pipelines use (``augment.compiled_color_and_normalize``): the path before that
+  function, timed in the same run for the before/after ratio.
 
 Usage::
 
@@ -31,6 +35,7 @@ import tensorflow as tf  # noqa: E402
 
 import jaxkd.data as data  # noqa: E402
 from jaxkd.data import augment  # noqa: E402
+from jaxkd.data.augment import ops  # noqa: E402
 
 DEFAULT_DATA_ROOT = _REPO.parent / "shared" / "data"
 AUTOTUNE_LABEL = "AUTOTUNE"
@@ -50,9 +55,29 @@ def _configs(image_size: int) -> dict[str, augment.AugmentConfig]:
   }
 
 
+MODES = ("train", "train, op by op", "eval", "eval, op by op")
+
+
+def _train_op_by_op(image, seed, cfg: augment.AugmentConfig):
+  """``augment.train_preprocess`` for ``cfg``'s operations (random-resized crop, flip, colour
+  jitter), every operation a TensorFlow kernel of its own."""
+  s_crop, s_flip, s_jitter, _, _ = ops.split_seed(seed, 5)
+  image = ops.decode_and_crop(image, lambda shape: ops.random_resized_crop_window(
+      shape, s_crop, scale=cfg.rrc_scale, ratio=cfg.rrc_ratio))
+  image = ops.resize(image, [cfg.image_size, cfg.image_size], cfg.antialias)
+  image = tf.image.stateless_random_flip_left_right(image, seed=s_flip)
+  return ops.normalize(ops.color_jitter(image, s_jitter, cfg.color_jitter))
+
+
+def _eval_op_by_op(image, cfg: augment.AugmentConfig):
+  image = ops.decode_and_crop(image, lambda shape: ops.center_crop_window(
+      shape, cfg.eval_crop_fraction))
+  return ops.normalize(ops.resize(image, [cfg.image_size, cfg.image_size], cfg.antialias))
+
+
 def run(*, data_root: str | os.PathLike | None = None, image_size: int = 224,
         num_images: int = 512, passes: int = 2, batch_size: int = 32,
-        modes: Sequence[str] = ("train", "eval"),
+        modes: Sequence[str] = MODES,
         num_parallel_calls: Sequence[int | None] = (1, 2, 4, None),
         verbose: bool = True) -> list[dict]:
   """Times preprocessing; returns rows {mode, num_parallel_calls, images, seconds, images_per_s,
@@ -74,23 +99,30 @@ def run(*, data_root: str | os.PathLike | None = None, image_size: int = 224,
   configs = _configs(image_size)
   rows = []
   for mode in modes:
-    cfg = configs[mode]
+    cfg = configs[mode.split(",")[0]]
     for npc in num_parallel_calls:
       calls = tf.data.AUTOTUNE if npc is None else npc
 
-      if mode == "train":
-        def fn(image, key, cfg=cfg):
+      if mode.startswith("train"):
+        train = augment.train_preprocess if mode == "train" else _train_op_by_op
+
+        def fn(image, key, cfg=cfg, train=train):
           seed = tf.stack([tf.constant(0, tf.int64), tf.strings.to_hash_bucket_fast(key, 2**62)])
-          return augment.train_preprocess(image, seed, cfg)
+          return train(image, seed, cfg)
       else:
-        def fn(image, key, cfg=cfg):
+        evaluate = augment.eval_preprocess if mode == "eval" else _eval_op_by_op
+
+        def fn(image, key, cfg=cfg, evaluate=evaluate):
           del key
-          return augment.eval_preprocess(image, cfg)
+          return evaluate(image, cfg)
 
       ds = (encoded.repeat(passes).map(fn, num_parallel_calls=calls, deterministic=True)
             .batch(batch_size))
       opts = tf.data.Options()
       opts.experimental_optimization.map_parallelization = False
+      # one thread per map call, so "per core" is per core (XLA-compiled functions would
+      # otherwise also use TensorFlow's intra-op threads)
+      opts.threading.max_intra_op_parallelism = 1
       ds = ds.with_options(opts).prefetch(2)
       it = iter(ds)
       next(it)  # warm-up: tracing and first batch
@@ -105,17 +137,22 @@ def run(*, data_root: str | os.PathLike | None = None, image_size: int = 224,
              "cores": cores, "source_images": count}
       rows.append(row)
       if verbose:
-        print(f"  {mode:5s} npc={row['num_parallel_calls']!s:8s} "
+        print(f"  {mode:15s} npc={row['num_parallel_calls']!s:8s} "
               f"{row['images_per_s']:8.1f} img/s", flush=True)
   return rows
 
 
 def markdown_table(rows: list[dict]) -> str:
-  lines = ["| preprocessing | num_parallel_calls | images/s | images/s per core |",
-           "|---|---|---:|---:|"]
+  """The rows as markdown; "vs op by op" is a mode's images/s over its op-by-op path's at the
+  same num_parallel_calls (same run)."""
+  speed = {(r["mode"], r["num_parallel_calls"]): r["images_per_s"] for r in rows}
+  lines = ["| preprocessing | num_parallel_calls | images/s | images/s per core | vs op by op |",
+           "|---|---|---:|---:|---:|"]
   for r in rows:
+    before = speed.get((f"{r['mode']}, op by op", r["num_parallel_calls"]))
+    ratio = f"{r['images_per_s'] / before:.2f}x" if before else ""
     lines.append(f"| {r['mode']} ({r['image_size']} px) | {r['num_parallel_calls']} | "
-                 f"{r['images_per_s']:.1f} | {r['images_per_s_per_core']:.1f} |")
+                 f"{r['images_per_s']:.1f} | {r['images_per_s_per_core']:.1f} | {ratio} |")
   return "\n".join(lines)
 
 

@@ -213,3 +213,40 @@ def test_shard_map_axis_name_matches_flax_and_global_batch():
   assert _max_rel_err(dx, ref_dx) < 2e-5
   for name in ("scale", "bias"):
     assert _max_rel_err(dp[name], ref_dp[name]) < 2e-5, name
+
+
+def test_large_activation_sums_run_as_gemm_on_cpu_and_match_float64():
+  """Activations of at least GEMM_SUM_MIN_ELEMENTS elements take the CPU's GEMM sums (ones @ x):
+  the channel sums, the batch statistics and the gradient against NumPy float64, jitted over
+  the 8-device mesh with the batch sharded."""
+  shape = (8, 32, 32, 520)  # 4.26M elements >= 2**22
+  assert np.prod(shape) >= batchnorm.GEMM_SUM_MIN_ELEMENTS
+  rng = np.random.default_rng(3)
+  x = rng.normal(1.5, 2.0, shape).astype(np.float32)
+  g = rng.normal(0.0, 1.0, shape).astype(np.float32)
+  scale = rng.uniform(0.5, 1.5, shape[-1]).astype(np.float32)
+  bias = rng.normal(0.0, 0.1, shape[-1]).astype(np.float32)
+  lowered = jax.jit(lambda v: batchnorm.channel_sums(v, v * v)).lower(x).as_text()
+  assert "dot_general" in lowered  # the GEMM branch is in the program (picked on CPU)
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, P("data")))
+
+  def f(x, scale, bias):
+    y, mean, var = batchnorm.batch_norm_train(x, scale, bias, 1e-5, None, jnp.float32)
+    return jnp.sum(y * g), (mean, var)
+
+  (_, (mean, var)), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(
+      sharded, scale, bias)
+  x64, g64 = x.astype(np.float64), g.astype(np.float64)
+  axes = (0, 1, 2)
+  mean64, var64 = x64.mean(axes), x64.var(axes)
+  np.testing.assert_allclose(mean, mean64, rtol=0, atol=1e-5)
+  np.testing.assert_allclose(var, var64, rtol=1e-5)
+  inv = 1.0 / np.sqrt(var64 + 1e-5)
+  xhat = (x64 - mean64) * inv
+  dscale64, dbias64 = (g64 * xhat).sum(axes), g64.sum(axes)
+  n = x64.size // shape[-1]
+  dx64 = scale * inv / n * (n * g64 - dbias64 - xhat * dscale64)
+  np.testing.assert_allclose(grads[1], dscale64, rtol=1e-4, atol=1e-2)
+  np.testing.assert_allclose(grads[2], dbias64, rtol=1e-4, atol=1e-2)
+  np.testing.assert_allclose(np.asarray(grads[0]), dx64, rtol=0, atol=1e-5)

@@ -30,7 +30,10 @@ Per-example training pipeline (``train_preprocess``), in this order:
 3. Colour jitter ``(brightness, contrast, saturation, hue)`` as torchvision's
    ColorJitter, in that fixed order: factors ``f ~ U(max(0, 1-b), 1+b)`` blend the
    image with black / its mean grey / its greyscale version,
-   ``out = other + f * (img - other)``; hue shifts by ``d ~ U(-h, h)`` turns.
+   ``out = other + f * (img - other)``; hue shifts by ``d ~ U(-h, h)`` turns. The
+   factors are drawn by TensorFlow; the jitter and the normalisation of step 5 run as
+   one XLA-compiled function (``compiled_color_and_normalize``) when no RandAugment /
+   AutoAugment stands between them.
 4. ``randaugment`` (Cubuk et al., CVPR Workshops 2020) or ``autoaugment='imagenet'``
    (Cubuk et al., CVPR 2019), see ``RANDAUGMENT_OPS`` / ``AUTOAUGMENT_IMAGENET_POLICY``.
 5. Normalise with the ImageNet mean/std (``MEAN_RGB``/``STD_RGB``, the only place
@@ -89,9 +92,11 @@ from jaxkd.data.augment.ops import (
     ERASING_MODES,
     MEAN_RGB,
     STD_RGB,
+    apply_color_jitter,
     apply_op,
     center_crop_window,
     color_jitter,
+    color_jitter_factors,
     decode_and_crop,
     decode_image,
     denormalize,
@@ -120,6 +125,7 @@ from jaxkd.data.augment.policies import (
     AUTOAUGMENT_IMAGENET_POLICY,
     RANDAUGMENT_OPS,
     autoaugment_imagenet,
+    compiled_color_and_normalize,
     eval_preprocess,
     randaugment,
     train_preprocess,
@@ -131,13 +137,14 @@ __all__ = [
     # ops
     "MEAN_RGB", "STD_RGB", "ERASING_MODES", "split_seed", "decode_image", "image_shape",
     "decode_and_crop", "random_resized_crop_window", "center_crop_window", "normalize",
-    "denormalize", "color_jitter", "apply_op", "random_erasing",
+    "denormalize", "color_jitter", "color_jitter_factors", "apply_color_jitter", "apply_op",
+    "random_erasing",
     "op_identity", "op_autocontrast", "op_equalize", "op_invert", "op_rotate", "op_shear_x",
     "op_shear_y", "op_translate_x", "op_translate_y", "op_solarize", "op_posterize",
     "op_color", "op_contrast", "op_brightness", "op_sharpness",
     # policies
     "RANDAUGMENT_OPS", "AUTOAUGMENT_IMAGENET_POLICY", "randaugment", "autoaugment_imagenet",
-    "train_preprocess", "eval_preprocess",
+    "train_preprocess", "eval_preprocess", "compiled_color_and_normalize",
     # mixing
     "mix_batch",
 ]

@@ -139,21 +139,44 @@ def _grayscale(image: tf.Tensor) -> tf.Tensor:
   return tf.reduce_sum(image * tf.constant(_GRAY_WEIGHTS, tf.float32), axis=-1, keepdims=True)
 
 
-def color_jitter(image: tf.Tensor, seed: tf.Tensor, strengths: Sequence[float]) -> tf.Tensor:
-  """torchvision ColorJitter(brightness, contrast, saturation, hue), fixed order."""
+def color_jitter_factors(seed: tf.Tensor, strengths: Sequence[float]) -> tf.Tensor:
+  """float32 [4]: the random (brightness, contrast, saturation, hue) of ``color_jitter``.
+
+  Factors ``U(max(0, 1 - x), 1 + x)`` for the first three, a shift ``U(-h, h)`` for the hue;
+  the neutral value (1, 1, 1, 0) for a strength of 0.
+  """
   b, c, s, h = strengths
   seeds = split_seed(seed, 4)
+  neutral = tf.constant(1.0, tf.float32)
+  return tf.stack([
+      uniform(seeds[0], max(0.0, 1 - b), 1 + b) if b > 0 else neutral,
+      uniform(seeds[1], max(0.0, 1 - c), 1 + c) if c > 0 else neutral,
+      uniform(seeds[2], max(0.0, 1 - s), 1 + s) if s > 0 else neutral,
+      uniform(seeds[3], -h, h) if h > 0 else 0.0 * neutral])
+
+
+def apply_color_jitter(image: tf.Tensor, factors: tf.Tensor,
+                       strengths: Sequence[float]) -> tf.Tensor:
+  """``color_jitter`` with its random ``factors`` given (``color_jitter_factors``); only the
+  adjustments whose strength is > 0 run. No random numbers: it can be compiled with XLA."""
+  b, c, s, h = strengths
   if b > 0:
-    image = _blend(image, tf.zeros_like(image), uniform(seeds[0], max(0.0, 1 - b), 1 + b))
+    image = _blend(image, tf.zeros_like(image), factors[0])
   if c > 0:
-    mean = tf.reduce_mean(_grayscale(image))
-    image = _blend(image, mean, uniform(seeds[1], max(0.0, 1 - c), 1 + c))
+    image = _blend(image, tf.reduce_mean(_grayscale(image)), factors[1])
   if s > 0:
-    image = _blend(image, _grayscale(image), uniform(seeds[2], max(0.0, 1 - s), 1 + s))
+    image = _blend(image, _grayscale(image), factors[2])
   if h > 0:
-    image = tf.image.adjust_hue(image / 255.0, uniform(seeds[3], -h, h)) * 255.0
+    image = tf.image.adjust_hue(image / 255.0, factors[3]) * 255.0
     image = tf.clip_by_value(image, 0.0, 255.0)
   return image
+
+
+def color_jitter(image: tf.Tensor, seed: tf.Tensor, strengths: Sequence[float]) -> tf.Tensor:
+  """torchvision ColorJitter(brightness, contrast, saturation, hue), fixed order: factors
+  ``f ~ U(max(0, 1-x), 1+x)`` blend the image with black / its mean grey / its greyscale
+  version, the hue shifts by ``U(-h, h)`` turns."""
+  return apply_color_jitter(image, color_jitter_factors(seed, strengths), strengths)
 
 
 # ----------------------------------------------------------------------------- RandAugment ops
