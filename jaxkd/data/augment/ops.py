@@ -147,12 +147,11 @@ def color_jitter_factors(seed: tf.Tensor, strengths: Sequence[float]) -> tf.Tens
   """
   b, c, s, h = strengths
   seeds = split_seed(seed, 4)
-  neutral = tf.constant(1.0, tf.float32)
   return tf.stack([
-      uniform(seeds[0], max(0.0, 1 - b), 1 + b) if b > 0 else neutral,
-      uniform(seeds[1], max(0.0, 1 - c), 1 + c) if c > 0 else neutral,
-      uniform(seeds[2], max(0.0, 1 - s), 1 + s) if s > 0 else neutral,
-      uniform(seeds[3], -h, h) if h > 0 else 0.0 * neutral])
+      uniform(seeds[0], max(0.0, 1 - b), 1 + b) if b > 0 else tf.constant(1.0),
+      uniform(seeds[1], max(0.0, 1 - c), 1 + c) if c > 0 else tf.constant(1.0),
+      uniform(seeds[2], max(0.0, 1 - s), 1 + s) if s > 0 else tf.constant(1.0),
+      uniform(seeds[3], -h, h) if h > 0 else tf.constant(0.0)])
 
 
 def apply_color_jitter(image: tf.Tensor, factors: tf.Tensor,

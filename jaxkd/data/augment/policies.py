@@ -170,6 +170,7 @@ def train_preprocess(image_bytes: tf.Tensor, seed: tf.Tensor, cfg: AugmentConfig
   strengths = tuple(float(x) for x in cfg.color_jitter)
   factors = color_jitter_factors(s_jitter, strengths)
   if cfg.randaugment_num_ops or cfg.autoaugment == "imagenet":
+    # the policy runs between the jitter and the normalisation
     if any(strengths):
       image = compiled_color_and_normalize(strengths, False)(image, factors)
     if cfg.randaugment_num_ops:
@@ -177,9 +178,8 @@ def train_preprocess(image_bytes: tf.Tensor, seed: tf.Tensor, cfg: AugmentConfig
                           magnitude=cfg.randaugment_magnitude)
     else:
       image = autoaugment_imagenet(image, s_policy)
-    image = compiled_color_and_normalize(_NO_JITTER, True)(image, factors)
-  else:
-    image = compiled_color_and_normalize(strengths, True)(image, factors)
+    strengths = _NO_JITTER
+  image = compiled_color_and_normalize(strengths, True)(image, factors)
   if cfg.random_erasing > 0:
     image = random_erasing(image, s_erase, probability=cfg.random_erasing,
                            mode=cfg.random_erasing_mode)
