@@ -729,6 +729,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     _check_training(config, wd, source)
     if _needs_store(config) and not wd.done("student"):
       _check_store_writable(ctx)
+    wd.record(config, source)
     return _run_stages(ctx)
   finally:
     stop.uninstall()

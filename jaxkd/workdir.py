@@ -113,14 +113,11 @@ class Workdir:
 
   def check_config(self, config) -> list[str]:
     """Refuses a config whose results would differ from the first run's; returns the harmless
-    changes ('key: old -> new'). The first run writes config.json."""
-    saved = self.path / "config.json"
-    current = _config_json(config)
-    if not saved.exists():
-      if jax.process_index() == 0:
-        write_json(saved, current)
+    changes ('key: old -> new'). The first run's config is written by `record`."""
+    if not (self.path / "config.json").exists():
       return []
-    changing, harmless = config_changes(_config_json(_saved_config(self.path)), current)
+    changing, harmless = config_changes(_config_json(_saved_config(self.path)),
+                                        _config_json(config))
     if changing:
       reuse = ""
       if self.done("teacher") and variables_dir(self.path, "teacher").exists():
@@ -133,13 +130,11 @@ class Workdir:
 
   def check_dataset(self, source) -> None:
     """The data a workdir was made with must not change under it (a different or edited
-    folder). The first run writes dataset.json."""
+    folder). The first run's data is written by `record`."""
     path = self.path / "dataset.json"
-    current = dataset_identity(source)
     if not path.exists():
-      if jax.process_index() == 0:
-        write_json(path, current)
       return
+    current = dataset_identity(source)
     saved = json.loads(path.read_text())
     # A dataset.json written before class names were recorded is checked without them.
     keys = _IDENTITY + (("class_names",) if "class_names" in saved else ())
@@ -151,6 +146,17 @@ class Workdir:
                         "the new data")
     if "class_names" not in saved and jax.process_index() == 0:
       write_json(path, {**saved, "class_names": current["class_names"]})  # for predict / export
+
+  def record(self, config, source) -> None:
+    """Writes config.json and dataset.json if the workdir has none: called by the first run once
+    every check has passed, so a run refused before any compute leaves nothing that would
+    refuse its corrected rerun (process 0 writes)."""
+    if jax.process_index() != 0:
+      return
+    for name, content in (("config.json", lambda: _config_json(config)),
+                          ("dataset.json", lambda: dataset_identity(source))):
+      if not (self.path / name).exists():
+        write_json(self.path / name, content())
 
   def save_variables(self, role: str, variables) -> None:
     """Saves the variables the `role` stage hands on (<role>/final_variables)."""

@@ -327,6 +327,15 @@ def test_config_errors_before_compute(food_data, tmp_path, capsys):
   code, _, err = _in_process(capsys, tmp_path / "a", food_data, "--config.student.batch_size=60")
   assert code == 2 and "config.student.batch_size=60" in err
   assert not (tmp_path / "a" / "teacher").exists()
+  # A run refused by a check of the data records nothing: its corrected rerun there meets the
+  # checks afresh, not "holds a run whose results this config would change".
+  code, _, err = _in_process(capsys, tmp_path / "a", food_data, "--config.student.batch_size=4096")
+  assert code == 2 and "is larger than the training split" in err
+  assert not (tmp_path / "a" / "config.json").exists()
+  assert not (tmp_path / "a" / "dataset.json").exists()
+  code, _, err = _in_process(capsys, tmp_path / "a", food_data, "--config.student.batch_size=8192")
+  assert code == 2 and "config.student.batch_size=8192 is larger" in err
+  assert "holds a run" not in err
   code, _, err = _in_process(capsys, tmp_path / "b", (tmp_path / "nonexistent" / "food",
                                                       food_data[1]))
   assert code == 2 and "config.data.manual_dir" in err
