@@ -46,6 +46,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero, linear_call
 
+from jaxkd.models import stride_phases
+
 IntPair = tuple[int, int]
 PadPair = tuple[IntPair, IntPair]
 StridesArg = int | Sequence[int]
@@ -164,12 +166,6 @@ def _out_size(n: int, k: int, s: int, pad: IntPair) -> int:
   return (n + pad[0] + pad[1] - k) // s + 1
 
 
-def _pad_hw(a: jax.Array, ph: tuple[int, int, int], pw: tuple[int, int, int]) -> jax.Array:
-  """Zero padding of the two spatial axes; each config is (low, high, interior), low/high may be
-  negative."""
-  return lax.pad(a, jnp.zeros((), a.dtype), ((0, 0, 0), ph, pw, (0, 0, 0)))
-
-
 # ---------------------------------------------------------------------------
 # the three shift-and-sum computations
 
@@ -194,58 +190,22 @@ def _forward(x: jax.Array, kernel: jax.Array, strides: IntPair, pad: PadPair) ->
   kh, kw = kernel.shape[:2]
   out_hw = (_out_size(x.shape[1], kh, strides[0], pad[0]),
             _out_size(x.shape[2], kw, strides[1], pad[1]))
-  xp = _pad_hw(x, (*pad[0], 0), (*pad[1], 0))
+  xp = stride_phases.pad_hw(x, (*pad[0], 0), (*pad[1], 0))
   return _correlate(xp, kernel[:, :, 0, :], strides, out_hw).astype(x.dtype)
-
-
-def _phase_plan(n: int, k: int, s: int, lo: int, n_out: int):
-  """Per axis, for the input gradient.
-
-  The padded input gradient at t = s*m + r (phase r < s) is
-  dxp[s*m + r] = sum_{a < A_r} dy[m - a] * w[r + s*a],  A_r = #{i < k : i = r mod s}.
-  Rows m in [m_lo, m_lo + M) cover the unpadded range t in [lo, lo + n).
-  Returns (m_lo, M, A, pad_lo, pad_hi, offsets): dy is padded by (pad_lo, pad_hi) and
-  phase r reads rows [offsets[r], offsets[r] + M + A_r - 1) of the padded dy.
-  """
-  m_lo = lo // s
-  m_count = -(-(lo + n) // s) - m_lo
-  taps = [len(range(r, k, s)) for r in range(s)]
-  pad_lo = max(0, max(a - 1 for a in taps) - m_lo)
-  offsets = [m_lo - (a - 1) + pad_lo for a in taps]
-  pad_hi = max(0, max(m_count + o + a - 1 for o, a in zip(offsets, taps)) - pad_lo - n_out)
-  return m_lo, m_count, taps, pad_lo, pad_hi, offsets
 
 
 def _input_grad(dy: jax.Array, kernel: jax.Array, strides: IntPair, pad: PadPair,
                 in_hw: IntPair) -> jax.Array:
   """Cotangent of x: per stride phase, a stride-1 correlation of the padded dy with the flipped
-  phase taps."""
-  b, _, _, c = dy.shape
-  (sh, sw), (h, w) = strides, in_hw
-  kh, kw = kernel.shape[:2]
-  taps_w = kernel[:, :, 0, :]
-  mh, nh, ah, plh, phh, offh = _phase_plan(h, kh, sh, pad[0][0], dy.shape[1])
-  mw, nw, aw, plw, phw, offw = _phase_plan(w, kw, sw, pad[1][0], dy.shape[2])
-  dyp = _pad_hw(dy, (plh, phh, 0), (plw, phw, 0))
-  rows = []
-  for rh in range(sh):
-    cols = []
-    for rw in range(sw):
-      if ah[rh] == 0 or aw[rw] == 0:  # kernel smaller than the stride: this phase gets no gradient
-        cols.append(jnp.zeros((b, nh, nw, c), jnp.float32))
-        continue
-      sub = taps_w[rh::sh, rw::sw][::-1, ::-1]
-      src = lax.slice(dyp, (0, offh[rh], offw[rw], 0),
-                      (b, offh[rh] + nh + ah[rh] - 1, offw[rw] + nw + aw[rw] - 1, c))
-      cols.append(_correlate(src, sub, (1, 1), (nh, nw)))
-    rows.append(cols)
-  if (sh, sw) == (1, 1):
-    full = rows[0][0]
-  else:  # interleave the phases: [B, nh, sh, nw, sw, C] -> [B, nh*sh, nw*sw, C]
-    full = jnp.stack([jnp.stack(cols, axis=3) for cols in rows], axis=2)
-    full = full.reshape(b, nh * sh, nw * sw, c)
-  oh, ow = pad[0][0] - sh * mh, pad[1][0] - sw * mw
-  return full[:, oh:oh + h, ow:ow + w].astype(dy.dtype)
+  phase taps (stride_phases.input_grad)."""
+  sh, sw = strides
+  taps = kernel[:, :, 0, :]
+
+  def correlate(window, rh, rw, out_hw):
+    return _correlate(window, taps[rh::sh, rw::sw][::-1, ::-1], (1, 1), out_hw)
+
+  return stride_phases.input_grad(dy, kernel.shape[:2], strides, pad, in_hw, dy.shape[3],
+                                  correlate)
 
 
 def _kernel_grad_plan(n: int, k: int, s: int, lo: int, n_out: int):
@@ -278,7 +238,7 @@ def _kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int], strid
   (sh, sw), (_, ho, wo, _) = strides, dy.shape
   taps_h, len_h, plh, phh = _kernel_grad_plan(h, kh, sh, pad[0][0], ho)
   taps_w, len_w, plw, phw = _kernel_grad_plan(w, kw, sw, pad[1][0], wo)
-  dyp = _pad_hw(dy, (plh, phh, 0), (plw, phw, 0))
+  dyp = stride_phases.pad_hw(dy, (plh, phh, 0), (plw, phw, 0))
   groups: dict[IntPair, list] = {}
   for i, (rh, dh) in enumerate(taps_h):
     for j, (rw, dw) in enumerate(taps_w):

@@ -1,5 +1,6 @@
 """Building blocks shared by every model: the initialisers, BatchNorm with cross-device statistics,
-convolutions with PyTorch's symmetric padding (1x1 ones as a GEMM on CPU), depthwise convolution.
+convolutions with PyTorch's symmetric padding (on CPU: 1x1 ones as a GEMM, k x k ones with
+GEMM gradients), depthwise convolution.
 
 Models follow the pattern of Flax's ImageNet example (examples/imagenet/models.py): the top-level
 module builds its convolution and normalisation constructors once per call,
@@ -34,7 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxkd.models import pointwise
+from jaxkd.models import spatial_conv
 from jaxkd.models.batchnorm import BatchNorm
 from jaxkd.models.depthwise import depthwise_conv2d
 
@@ -85,14 +86,15 @@ def conv(features: int, kernel_size: int, *, strides: int = 1, groups: int = 1,
 
   Output size floor((H + 2p - k) / s) + 1, as torch.nn.Conv2d(padding=p).
   `groups` > 1 is a grouped convolution (feature_group_count); depthwise
-  convolutions use DepthwiseConv instead. 1x1 convolutions run as one GEMM on
-  CPU (pointwise.conv_general_dilated); parameters are the same either way.
+  convolutions use DepthwiseConv instead. On CPU, 1x1 convolutions run as one GEMM
+  (pointwise.py) and k x k ones get gradients chosen per shape (spatial_conv.py); parameters are
+  the same either way.
   """
   pad = (kernel_size - 1) // 2
   return nn.Conv(features, (kernel_size, kernel_size), strides=(strides, strides),
                  padding=((pad, pad), (pad, pad)), feature_group_count=groups, use_bias=use_bias,
                  kernel_init=kernel_init, dtype=dtype, param_dtype=jnp.float32,
-                 conv_general_dilated=pointwise.conv_general_dilated, name=name)
+                 conv_general_dilated=spatial_conv.conv_general_dilated, name=name)
 
 
 class DepthwiseConv(nn.Module):

@@ -73,7 +73,9 @@ def pointwise_conv2d(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int] 
   return y.astype(out_dtype).reshape(b, h, w, out)
 
 
-def _is_nhwc_hwio(dimension_numbers, lhs_shape, rhs_shape) -> bool:
+def is_nhwc_hwio(dimension_numbers, lhs_shape, rhs_shape) -> bool:
+  """True when `dimension_numbers` lay a 4-D convolution out as NHWC input, HWIO kernel, NHWC
+  output."""
   if dimension_numbers is None:
     return False
   try:
@@ -89,7 +91,7 @@ def _is_pointwise(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbe
   padding."""
   if batch_group_count != 1 or lhs.ndim != 4 or rhs.ndim != 4 or rhs.shape[:2] != (1, 1):
     return False
-  if not _is_nhwc_hwio(dimension_numbers, lhs.shape, rhs.shape):
+  if not is_nhwc_hwio(dimension_numbers, lhs.shape, rhs.shape):
     return False
   if lhs.shape[-1] != rhs.shape[2] * feature_group_count or rhs.shape[3] % feature_group_count:
     return False

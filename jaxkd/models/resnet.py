@@ -37,7 +37,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxkd.models import layers
+from jaxkd.models import layers, pooling
 from jaxkd.models.layers import ModuleDef
 from jaxkd.models.registry import register
 
@@ -114,7 +114,10 @@ class ResNet(nn.Module):
                              epsilon=_BN_EPS, dtype=self.dtype)
     x = x.astype(self.dtype)
     x = norm(name="bn1")(conv(64, 7, strides=2, name="conv1")(x))
-    x = max_pool_torch(nn.relu(x))
+    # Same values either way; training takes pooling.max_pool for its CPU gradient, inference
+    # Flax's max_pool, which the ONNX and LiteRT exporters recognise.
+    pool = pooling.max_pool if train else max_pool_torch
+    x = pool(nn.relu(x))
     features = {}
     for stage, (planes, count) in enumerate(zip((64, 128, 256, 512), self.layers), start=1):
       for i in range(count):
