@@ -8,9 +8,10 @@ functions the training/eval pipelines use) for several ``num_parallel_calls``:
   (0.4, 0.4, 0.4, 0.1), normalised float32;
 * ``eval``: fused decode of the 0.875 centre crop, resize, normalised float32;
 * ``train, op by op`` / ``eval, op by op``: the same images through the same operations, with the
-  colour jitter and normalisation run op by op as TensorFlow kernels instead of the XLA-compiled
-  function the pipelines use (``augment.compiled_color_and_normalize``): the path before that
-  function, timed in the same run for the before/after ratio.
+  flip, colour jitter and normalisation run op by op as TensorFlow kernels instead of the
+  XLA-compiled function the pipelines use (``augment.compiled_flip_jitter_normalize``), and the
+  antialiased resize for every crop: the path before these changes, timed in the same run for the
+  before/after ratio.
 
 Usage::
 
@@ -58,13 +59,19 @@ def _configs(image_size: int) -> dict[str, augment.AugmentConfig]:
 MODES = ("train", "train, op by op", "eval", "eval, op by op")
 
 
+def _resize_always_antialiased(image, cfg: augment.AugmentConfig):
+  """``ops.resize`` before it took the bilinear kernel for crops that do not shrink."""
+  size = [cfg.image_size, cfg.image_size]
+  return tf.clip_by_value(tf.image.resize(image, size, antialias=cfg.antialias), 0.0, 255.0)
+
+
 def _train_op_by_op(image, seed, cfg: augment.AugmentConfig):
   """``augment.train_preprocess`` for ``cfg``'s operations (random-resized crop, flip, colour
   jitter), every operation a TensorFlow kernel of its own."""
   s_crop, s_flip, s_jitter, _, _ = ops.split_seed(seed, 5)
   image = ops.decode_and_crop(image, lambda shape: ops.random_resized_crop_window(
       shape, s_crop, scale=cfg.rrc_scale, ratio=cfg.rrc_ratio))
-  image = ops.resize(image, [cfg.image_size, cfg.image_size], cfg.antialias)
+  image = _resize_always_antialiased(image, cfg)
   image = tf.image.stateless_random_flip_left_right(image, seed=s_flip)
   return ops.normalize(ops.color_jitter(image, s_jitter, cfg.color_jitter))
 
@@ -72,7 +79,7 @@ def _train_op_by_op(image, seed, cfg: augment.AugmentConfig):
 def _eval_op_by_op(image, cfg: augment.AugmentConfig):
   image = ops.decode_and_crop(image, lambda shape: ops.center_crop_window(
       shape, cfg.eval_crop_fraction))
-  return ops.normalize(ops.resize(image, [cfg.image_size, cfg.image_size], cfg.antialias))
+  return ops.normalize(_resize_always_antialiased(image, cfg))
 
 
 def run(*, data_root: str | os.PathLike | None = None, image_size: int = 224,

@@ -7,6 +7,7 @@ normalisation, the MixUp/CutMix definitions, PIL. Every data test runs on genera
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import math
 
@@ -265,18 +266,28 @@ def test_teacher_logits_joined_by_key_after_shuffle(food):
     np.testing.assert_array_equal(got, logits[[row_of[k] for k in batch["key"]]])
 
 
-def test_compiled_colour_jitter_matches_the_tensorflow_kernels():
-  """The XLA-compiled colour jitter + normalisation of the training path equals the same
-  operations run as TensorFlow kernels, to float32 rounding, for every jitter strength set."""
+def test_compiled_flip_and_colour_jitter_match_the_tensorflow_kernels():
+  """The XLA-compiled clip + flip + colour jitter + normalisation of the training path equals the
+  same operations run as TensorFlow kernels, to float32 rounding, for every jitter strength set."""
   rng = np.random.default_rng(0)
   for strengths in [(0.4, 0.4, 0.4, 0.1), (0.0, 0.5, 0.0, 0.0), (0.0, 0.0, 0.0, 0.0)]:
-    compiled = augment.compiled_color_and_normalize(strengths, True)
-    for i in range(3):
-      image = tf.constant(rng.uniform(0, 255, (24, 20, 3)), tf.float32)
+    compiled = augment.compiled_flip_jitter_normalize(strengths, True)
+    for i in range(4):
+      image = tf.constant(rng.uniform(-3, 258, (24, 20, 3)), tf.float32)
       factors = augment.color_jitter_factors(tf.constant([i, 7], tf.int64), strengths)
-      expected = augment.normalize(augment.apply_color_jitter(image, factors, strengths))
-      np.testing.assert_allclose(compiled(image, factors).numpy(), expected.numpy(), atol=1e-4,
-                                 err_msg=str(strengths))
+      flip = tf.constant(i % 2 == 1)
+      expected = tf.clip_by_value(image, 0.0, 255.0)
+      if i % 2:
+        expected = tf.image.flip_left_right(expected)
+      expected = augment.normalize(augment.apply_color_jitter(expected, factors, strengths))
+      np.testing.assert_allclose(compiled(image, factors, flip).numpy(), expected.numpy(),
+                                 atol=1e-4, err_msg=str(strengths))
+  # flip_decision is the draw of tf.image.stateless_random_flip_left_right
+  image = tf.reshape(tf.range(6, dtype=tf.float32), [1, 6, 1])
+  for i in range(16):
+    seed = tf.constant([i, 3], tf.int64)
+    flipped = tf.image.stateless_random_flip_left_right(image, seed=seed)
+    assert bool(augment.flip_decision(seed)) == bool(flipped[0, 0, 0] == 5.0)
   # the seeded factors are the op-by-op jitter's: colour_jitter(image, seed) is unchanged
   image = tf.constant(rng.uniform(0, 255, (16, 16, 3)), tf.float32)
   seed = tf.constant([5, 6], tf.int64)
@@ -285,6 +296,34 @@ def test_compiled_colour_jitter_matches_the_tensorflow_kernels():
       augment.color_jitter(image, seed, strengths).numpy(),
       augment.apply_color_jitter(image, augment.color_jitter_factors(seed, strengths),
                                  strengths).numpy())
+
+
+def test_training_preprocessing_equals_the_operations_run_one_by_one(food_images):
+  """train_preprocess (bilinear kernel for crops that do not shrink, clip + flip + jitter +
+  normalisation compiled) gives the pixels of the documented operations run one TensorFlow kernel
+  at a time with the antialiased resize for every crop, to float32 rounding; crops that grow and
+  crops that shrink both occur."""
+  grew = shrank = 0
+  for path in [p for p in food_images if p is not None]:
+    raw = tf.io.read_file(str(path))
+    size = int(min(augment.image_shape(raw))) // 2  # random crops both above and below it
+    cfg = augment.AugmentConfig(image_size=size, color_jitter=(0.4, 0.4, 0.4, 0.1))
+    for i in range(12):
+      seed = tf.constant([i, 11], tf.int64)
+      s_crop, s_flip, s_jitter, _, _ = augment.split_seed(seed, 5)
+      crop = augment.decode_and_crop(raw, functools.partial(
+          augment.random_resized_crop_window, seed=s_crop, scale=cfg.rrc_scale,
+          ratio=cfg.rrc_ratio))
+      if max(crop.shape[:2]) <= size:
+        grew += 1
+      else:
+        shrank += 1
+      image = tf.clip_by_value(tf.image.resize(crop, [size, size], antialias=True), 0.0, 255.0)
+      image = tf.image.stateless_random_flip_left_right(image, seed=s_flip)
+      expected = augment.normalize(augment.color_jitter(image, s_jitter, cfg.color_jitter))
+      got = augment.train_preprocess(raw, seed, cfg)
+      np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=2e-4, err_msg=str(path))
+  assert grew and shrank, (grew, shrank)
 
 
 def test_pixel_ops_match_pil(food_images):

@@ -31,9 +31,9 @@ Per-example training pipeline (``train_preprocess``), in this order:
    ColorJitter, in that fixed order: factors ``f ~ U(max(0, 1-b), 1+b)`` blend the
    image with black / its mean grey / its greyscale version,
    ``out = other + f * (img - other)``; hue shifts by ``d ~ U(-h, h)`` turns. The
-   factors are drawn by TensorFlow; the jitter and the normalisation of step 5 run as
-   one XLA-compiled function (``compiled_color_and_normalize``) when no RandAugment /
-   AutoAugment stands between them.
+   factors and the flip are drawn by TensorFlow; the flip, the jitter and the normalisation of
+   step 5 run as one XLA-compiled function (``compiled_flip_jitter_normalize``) when no
+   RandAugment / AutoAugment stands between them.
 4. ``randaugment`` (Cubuk et al., CVPR Workshops 2020) or ``autoaugment='imagenet'``
    (Cubuk et al., CVPR 2019), see ``RANDAUGMENT_OPS`` / ``AUTOAUGMENT_IMAGENET_POLICY``.
 5. Normalise with the ImageNet mean/std (``MEAN_RGB``/``STD_RGB``, the only place
@@ -125,8 +125,9 @@ from jaxkd.data.augment.policies import (
     AUTOAUGMENT_IMAGENET_POLICY,
     RANDAUGMENT_OPS,
     autoaugment_imagenet,
-    compiled_color_and_normalize,
+    compiled_flip_jitter_normalize,
     eval_preprocess,
+    flip_decision,
     randaugment,
     train_preprocess,
 )
@@ -144,7 +145,7 @@ __all__ = [
     "op_color", "op_contrast", "op_brightness", "op_sharpness",
     # policies
     "RANDAUGMENT_OPS", "AUTOAUGMENT_IMAGENET_POLICY", "randaugment", "autoaugment_imagenet",
-    "train_preprocess", "eval_preprocess", "compiled_color_and_normalize",
+    "train_preprocess", "eval_preprocess", "compiled_flip_jitter_normalize", "flip_decision",
     # mixing
     "mix_batch",
 ]

@@ -108,26 +108,36 @@ def autoaugment_imagenet(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
 # ----------------------------------------------------------------------------- per-example pipeline
 
 
+def flip_decision(seed: tf.Tensor) -> tf.Tensor:
+  """bool []: whether ``tf.image.stateless_random_flip_left_right(image, seed)`` flips (its own
+  draw, U[0, 1) < 1/2), for flipping inside a compiled function."""
+  return tf.random.stateless_uniform([], seed, minval=0.0, maxval=1.0) < 0.5
+
+
 @functools.cache
-def compiled_color_and_normalize(strengths: tuple[float, float, float, float],
-                                 normalize_too: bool):
-  """``(image [S, S, 3] float32 in [0, 255], factors [4]) -> image``: the colour jitter
-  (``apply_color_jitter`` with ``strengths``), then, if ``normalize_too``, ``normalize``, as
-  one XLA-compiled TensorFlow function (``tf.function(jit_compile=True)``).
+def compiled_flip_jitter_normalize(strengths: tuple[float, float, float, float],
+                                   normalize_too: bool):
+  """``(image [S, S, 3] float32, factors [4], flip bool []) -> image``: clip to [0, 255], flip
+  left-right if ``flip``, the colour jitter (``apply_color_jitter`` with ``strengths``), then, if
+  ``normalize_too``, ``normalize``; as one XLA-compiled TensorFlow function
+  (``tf.function(jit_compile=True)``).
 
   Run op by op, these elementwise passes took 3.1 ms of a 5.3 ms training preprocessing
   per 512-px Food-101 JPEG on one core; compiled, XLA fuses them into a few loops over the
-  image, 0.7 ms (``bench/bench_input.py``). The random factors are drawn outside
-  (``color_jitter_factors``): XLA's stateless generators are not TensorFlow's, so drawing
-  inside would change the augmentation a seed gives. The pixels agree with the op-by-op
-  path to float32 rounding (tests/test_data_pipeline.py).
+  image, 0.7 ms (``bench/bench_input.py``); taking the resize's clip and the flip in as well
+  saved two more passes, 0.2 ms. The random factors and the flip are drawn outside
+  (``color_jitter_factors``, ``flip_decision``): XLA's stateless generators are not
+  TensorFlow's, so drawing inside would change the augmentation a seed gives. The pixels
+  agree with the op-by-op path to float32 rounding (tests/test_data_pipeline.py).
   """
-  def color_and_normalize(image, factors):
+  def flip_jitter_normalize(image, factors, flip):
+    image = tf.clip_by_value(image, 0.0, 255.0)
+    image = tf.where(flip, tf.reverse(image, [1]), image)
     if any(strengths):
       image = apply_color_jitter(image, factors, strengths)
     return normalize(image) if normalize_too else image
 
-  return tf.function(color_and_normalize, jit_compile=True, reduce_retracing=True)
+  return tf.function(flip_jitter_normalize, jit_compile=True, reduce_retracing=True)
 
 
 _NO_JITTER = (0.0, 0.0, 0.0, 0.0)
@@ -144,7 +154,8 @@ def train_preprocess(image_bytes: tf.Tensor, seed: tf.Tensor, cfg: AugmentConfig
   if cfg.train_crop == "random_resized_crop":
     image = decode_and_crop(image_bytes, lambda shape: random_resized_crop_window(
         shape, s_crop, scale=cfg.rrc_scale, ratio=cfg.rrc_ratio))
-    image = resize(image, [size, size], cfg.antialias)
+    # clipped in compiled_flip_jitter_normalize
+    image = resize(image, [size, size], cfg.antialias, clip=False)
   elif cfg.train_crop == "pad_random_crop":
     image = tf.cast(decode_image(image_bytes), tf.float32)
     image = tf.cond(tf.reduce_all(tf.shape(image)[:2] == size), lambda: image,
@@ -165,21 +176,19 @@ def train_preprocess(image_bytes: tf.Tensor, seed: tf.Tensor, cfg: AugmentConfig
                                          tf.maximum(shape[1], size))
     image = tf.image.stateless_random_crop(image, [size, size, 3], seed=s_crop)
   image.set_shape([size, size, 3])
-  if cfg.flip:
-    image = tf.image.stateless_random_flip_left_right(image, seed=s_flip)
+  flip = flip_decision(s_flip) if cfg.flip else tf.constant(False)
   strengths = tuple(float(x) for x in cfg.color_jitter)
   factors = color_jitter_factors(s_jitter, strengths)
   if cfg.randaugment_num_ops or cfg.autoaugment == "imagenet":
     # the policy runs between the jitter and the normalisation
-    if any(strengths):
-      image = compiled_color_and_normalize(strengths, False)(image, factors)
+    image = compiled_flip_jitter_normalize(strengths, False)(image, factors, flip)
     if cfg.randaugment_num_ops:
       image = randaugment(image, s_policy, num_ops=cfg.randaugment_num_ops,
                           magnitude=cfg.randaugment_magnitude)
     else:
       image = autoaugment_imagenet(image, s_policy)
-    strengths = _NO_JITTER
-  image = compiled_color_and_normalize(strengths, True)(image, factors)
+    strengths, flip = _NO_JITTER, tf.constant(False)
+  image = compiled_flip_jitter_normalize(strengths, True)(image, factors, flip)
   if cfg.random_erasing > 0:
     image = random_erasing(image, s_erase, probability=cfg.random_erasing,
                            mode=cfg.random_erasing_mode)
@@ -192,9 +201,10 @@ def eval_preprocess(image_bytes: tf.Tensor, cfg: AugmentConfig,
   size = cfg.image_size
   image = decode_and_crop(image_bytes,
                           lambda shape: center_crop_window(shape, cfg.eval_crop_fraction))
-  image = resize(image, [size, size], cfg.antialias)
+  image = resize(image, [size, size], cfg.antialias, clip=False)
   image.set_shape([size, size, 3])
-  image = compiled_color_and_normalize(_NO_JITTER, True)(image, tf.zeros([4], tf.float32))
+  image = compiled_flip_jitter_normalize(_NO_JITTER, True)(image, tf.zeros([4], tf.float32),
+                                                           tf.constant(False))
   return tf.cast(image, dtype or cfg.tf_dtype)
 
 
