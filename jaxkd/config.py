@@ -331,6 +331,13 @@ _STUDENT_ONLY = [
 ]
 
 _TEACHER_LOGITS = [
+    _k("mode", "str", "image",
+       "what the store holds: one row per image on the eval view ('image'), or one per stored "
+       "crop region, replayed for the student with the same crop and flip ('regions')",
+       choices=("image", "regions")),
+    _k("regions_per_image", "int", 10,
+       "regions stored per training image with mode='regions' (random-resized crops and flips "
+       "of the training augmentation, drawn per image)", bounds="> 0"),
     _k("dtype", "str", "float16", "dtype of the stored teacher logits",
        choices=("float16", "float32")),
     _k("batch_size", "int", 64, "batch of the precompute pass", "images", bounds="> 0",
@@ -923,6 +930,12 @@ def validate(config, *, num_devices: int | None = None) -> None:
                           "the teachers into; use kind 'kd', 'dkd' or 'lskd', or remove them")
       for entry in extra:
         check_teacher_entry(entry, "config.student.extra_teachers")
+    if (config.teacher_logits.mode == "regions" and source == "stored"
+        and AugmentConfig.from_mapping(config.augment).train_crop != "random_resized_crop"):
+      raise ConfigError(f"config.teacher_logits.mode='regions' replays random-resized crops, but "
+                        f"config.augment.train_crop={config.augment.train_crop!r}; set "
+                        "--config.augment.train_crop=random_resized_crop or use "
+                        "--config.teacher_logits.mode=image")
     if AugmentConfig.from_mapping(config.augment).mixing:
       from jaxkd.train.step import check_mixing_supported
       try:

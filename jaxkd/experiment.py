@@ -229,11 +229,12 @@ def _train(ctx: _Context, role: str, model, *, init_variables=None,
   if needs_teacher and not online_teachers and not stores:
     raise ValueError(f"{role}: loss {train_step.loss_config.kind!r} needs a teacher: stored "
                      "logits or an online teacher")
-  lookup = None
+  lookup = regions = None
   if needs_teacher and not online_teachers:
     from jaxkd.data.teacher_logits import stacked_lookup, tf_lookup
     lookup = (tf_lookup(stores[0]) if len(stores) == 1
               else stacked_lookup([tf_lookup(s) for s in stores]))
+    regions = _regions(config)
   augment = dict(config.augment)
   num_parallel_calls = config.data.num_parallel_calls
 
@@ -241,7 +242,7 @@ def _train(ctx: _Context, role: str, model, *, init_variables=None,
     return pipeline.train_batches(
         source, "train", global_batch_size=batch_size, mesh=mesh, augment=augment,
         image_size=size, seed=seed, start_step=start_step, num_parallel_calls=num_parallel_calls,
-        teacher_lookup=lookup)
+        teacher_lookup=lookup, regions=regions)
 
   evaluate = None
   split = _eval_split(source)
@@ -316,6 +317,21 @@ def _preprocessing(config) -> dict:
           "antialias": aug.antialias, "normalization": "imagenet_mean_std"}
 
 
+def _regions(config):
+  """The stored regions (jaxkd.data.regions.RegionSpec) with config.teacher_logits.mode='regions',
+  else None. The region seed is fixed (0), so one store serves the student runs of every seed."""
+  if config.teacher_logits.mode != "regions":
+    return None
+  from jaxkd.data.regions import RegionSpec
+  return RegionSpec.from_augment(int(config.teacher_logits.regions_per_image), config.augment)
+
+
+def _store_preprocessing(config) -> dict:
+  """What a store's rows were computed from (its manifest's 'preprocessing', checked on open)."""
+  regions = _regions(config)
+  return {**_preprocessing(config), **(regions.record() if regions else {})}
+
+
 def _needs_store(config) -> bool:
   return config.student.enabled and config.teacher.enabled and _teacher_source(config) == "stored"
 
@@ -370,15 +386,20 @@ def _store(ctx: _Context, teacher: Trained):
   config, source = ctx.config, ctx.source
   tid = teacher_store.teacher_id(teacher.name, teacher.variables)
   split = "train"
+  preprocessing = _store_preprocessing(config)
   store_dir = teacher_store.store_path(_store_root(ctx), source.name, source.version, tid, split)
+  # a region store has its own folder beside the per-image store: train.regions-<R>
+  store_dir = store_dir.with_name(teacher_store.split_folder(split, preprocessing))
+  regions = _regions(config)
+  rows = source.num_examples(split) * (regions.regions_per_image if regions else 1)
   expect = dict(dataset=source.name, version=source.version, split=split,
-                num_classes=source.num_classes, teacher_id=tid,
-                preprocessing=_preprocessing(config))
+                num_classes=source.num_classes, teacher_id=tid, preprocessing=preprocessing)
   hint = (f"delete the folder {store_dir} (and {teacher_store.partial_path(store_dir).name} "
           "beside it, if present) and rerun the same command: the next run recomputes it")
   if store_dir.exists():
     return teacher_store.TeacherStore.open(store_dir, expect=expect, hint=hint)
-  _log(f"teacher_logits: precomputing {tid} on {source.name}/{split} into {store_dir}")
+  what = (f" ({regions.regions_per_image} regions per image, {rows:,} rows)" if regions else "")
+  _log(f"teacher_logits: precomputing {tid} on {source.name}/{split}{what} into {store_dir}")
   logits_fn = make_logits_fn(teacher.model, ctx.mesh)
   variables = replicate(teacher.variables, ctx.mesh)
   batch_size = int(config.teacher_logits.batch_size)
@@ -391,7 +412,7 @@ def _store(ctx: _Context, teacher: Trained):
     it = pipeline.eval_batches(source, split, global_batch_size=batch_size,
                                augment=dict(config.augment), image_size=ctx.image_size,
                                num_parallel_calls=config.data.num_parallel_calls,
-                               start_batch=start_batch)
+                               start_batch=start_batch, regions=regions)
     for i, b in enumerate(it, start_batch):
       ctx.check_stop(f"during the teacher-logit precompute (batch {i}); the finished batches "
                      "are kept")
@@ -413,8 +434,8 @@ def _store(ctx: _Context, teacher: Trained):
   store = teacher_store.precompute(
       batches, teacher_logits, dataset=source.name,
       version=source.version, split=split, teacher_id=tid,
-      num_examples=source.num_examples(split), num_classes=source.num_classes,
-      class_names=list(source.class_names), preprocessing=_preprocessing(config),
+      num_examples=rows, num_classes=source.num_classes,
+      class_names=list(source.class_names), preprocessing=preprocessing,
       teacher_info={"model": teacher.name}, store_dir=store_dir,
       dtype=config.teacher_logits.dtype, progress=ctx.progress, hint=hint)
   distributed.barrier(f"jaxkd-teacher-logits-{tid}")

@@ -552,3 +552,23 @@ def test_two_processes_match_one_and_a_killed_process_stops_the_job(food_data, f
     for key in ("top1", "top5", "num_examples"):
       assert ours[role]["val"][key] == theirs[role]["val"][key], (role, key)
     np.testing.assert_allclose(ours[role]["val"]["loss"], theirs[role]["val"]["loss"], rtol=1e-3)
+
+
+def test_region_store_run(food_data, finished, tmp_path):
+  """--config.teacher_logits.mode=regions with the finished run's teacher: a store of R rows per
+  training image beside the per-image store, computed once, and a student trained from it."""
+  ref, image_store = finished
+  regions = [f"--config.teacher.pretrained={ref}", "--config.teacher.epochs=0",
+             "--config.teacher.handoff=last", "--config.teacher_logits.mode=regions",
+             "--config.teacher_logits.regions_per_image=2", "--config.student.max_steps=2"]
+  proc = _run(tmp_path / "regions", food_data, *regions)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  marker = json.loads((tmp_path / "regions" / "stages" / "teacher_logits.json").read_text())
+  store = pathlib.Path(marker["store"])
+  assert store.name == "train.regions-2" and store.parent == image_store.parent
+  manifest = json.loads((store / "manifest.json").read_text())
+  image_manifest = json.loads((image_store / "manifest.json").read_text())
+  assert manifest["num_examples"] == 2 * image_manifest["num_examples"]
+  assert manifest["preprocessing"]["regions_per_image"] == 2
+  assert "(2 regions per image," in proc.stdout
+  assert "[student] step 2/2" in proc.stdout

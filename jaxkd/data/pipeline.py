@@ -52,6 +52,7 @@ import numpy as np
 import tensorflow as tf
 
 from jaxkd.data import augment as augment_lib
+from jaxkd.data import regions as regions_lib
 from jaxkd.data import splits as splits_lib
 from jaxkd.data.sources import Source
 
@@ -107,12 +108,17 @@ def _mesh_devices(mesh: jax.sharding.Mesh | None, axis: str) -> int | None:
 # ----------------------------------------------------------------------------- train
 
 
-def _join_teacher(batch: dict[str, tf.Tensor], teacher_lookup: TeacherLookup, local: int,
+def _join_teacher(batch: dict[str, tf.Tensor], teacher_lookup: TeacherLookup | None, local: int,
                   num_classes: int) -> dict[str, tf.Tensor]:
-  logits = tf.cast(teacher_lookup(batch["key"]), tf.float32)
+  """Adds the stored 'teacher_logits', looked up by 'teacher_key' (a region's row) when the batch
+  has one, else by 'key'; 'teacher_key' does not leave the pipeline."""
+  out = {k: v for k, v in batch.items() if k != "teacher_key"}
+  if teacher_lookup is None:
+    return out
+  logits = tf.cast(teacher_lookup(batch.get("teacher_key", batch["key"])), tf.float32)
   # [B, C] for one teacher, [B, K, C] for K teachers (`teacher_logits.stacked_lookup`).
   logits = tf.ensure_shape(logits, [local] + [None] * (logits.shape.rank - 2) + [num_classes])
-  return {**batch, "teacher_logits": logits}
+  return {**out, "teacher_logits": logits}
 
 
 def train_dataset(source: Source, split: str = "train", *, global_batch_size: int,
@@ -121,7 +127,8 @@ def train_dataset(source: Source, split: str = "train", *, global_batch_size: in
                   shuffle_buffer: int = 10_000, num_parallel_calls: int | None = None,
                   prefetch: int = 2, teacher_lookup: TeacherLookup | None = None,
                   process_index: int | None = None, process_count: int | None = None,
-                  num_devices: int | None = None) -> tf.data.Dataset:
+                  num_devices: int | None = None,
+                  regions: regions_lib.RegionSpec | None = None) -> tf.data.Dataset:
   """The infinite, host-local training ``tf.data.Dataset`` of local batches (see module doc).
 
   Args:
@@ -138,6 +145,9 @@ def train_dataset(source: Source, split: str = "train", *, global_batch_size: in
     teacher_lookup: keys [B] -> float32 logits [B, C] inside tf.data; adds 'teacher_logits'
       (joined by key before MixUp/CutMix, so each row is the example's own; with mixing,
       'mix_teacher_logits' holds the partner's row).
+    regions: replay stored regions (``jaxkd.data.regions``): each example's crop and flip are
+      region r of ``regions``, r drawn per example and epoch; adds 'region' (int32 [B]) and
+      looks the teacher's row up under the region's key.
   """
   splits_lib.check_split(split)
   if split == splits_lib.TEST:
@@ -181,14 +191,21 @@ def train_dataset(source: Source, split: str = "train", *, global_batch_size: in
     key_hash = tf.strings.to_hash_bucket_fast(ex["key"], _NEVER)
     example_seed = tf.random.experimental.stateless_fold_in(tf.stack([base_seed, key_hash]),
                                                             ex["_epoch"])
-    image = augment_lib.train_preprocess(ex["image"], example_seed, cfg, dtype=image_dtype)
-    return {"image": image, "label": ex["label"], "key": ex["key"],
-            "weight": tf.constant(1.0, tf.float32)}
+    out = {"label": ex["label"], "key": ex["key"], "weight": tf.constant(1.0, tf.float32)}
+    region = None
+    if regions is not None:
+      r = regions_lib.pick(example_seed, regions)
+      region = (regions_lib.window_fn(ex["key"], r, regions),
+                regions_lib.flip(ex["key"], r, regions))
+      out.update(region=r, teacher_key=regions_lib.region_key(ex["key"], r))
+    out["image"] = augment_lib.train_preprocess(ex["image"], example_seed, cfg, dtype=image_dtype,
+                                                region=region)
+    return out
 
   ds = ds.map(preprocess, num_parallel_calls=npc, deterministic=True)
   ds = ds.batch(local, drop_remainder=True)
   num_classes = source.num_classes
-  if teacher_lookup is not None:
+  if teacher_lookup is not None or regions is not None:
     ds = ds.map(lambda b: _join_teacher(b, teacher_lookup, local, num_classes))
   if cfg.mixing:
     def mix(step, batch):
@@ -236,7 +253,8 @@ def eval_dataset(source: Source, split: str, *, global_batch_size: int,
                  image_size: int | None = None, num_parallel_calls: int | None = None,
                  prefetch: int = 2, teacher_lookup: TeacherLookup | None = None,
                  process_index: int | None = None, process_count: int | None = None,
-                 num_devices: int | None = None, start_batch: int = 0) -> tf.data.Dataset:
+                 num_devices: int | None = None, start_batch: int = 0,
+                 regions: regions_lib.RegionSpec | None = None) -> tf.data.Dataset:
   """One host-local pass over ``split`` with eval preprocessing and zero-weight padding.
 
   ``teacher_lookup`` (optional) also sees the padding rows, whose key is b'': it must
@@ -246,11 +264,15 @@ def eval_dataset(source: Source, split: str, *, global_batch_size: int,
   batches are those of the whole pass from k on, and the records of the first k batches
   are skipped before they are loaded or decoded (how a resumed teacher-logit precompute
   skips its finished batches).
+
+  ``regions`` (``jaxkd.data.regions``) makes it the pass a region store is computed from: every
+  example R times in a row, as the teacher's view of its regions 0..R-1
+  (``regions.teacher_view``), keyed '<key>#<r>'; N R rows in all.
   """
   cfg = augment_lib.as_config(augment, **({"image_size": image_size} if image_size else {}))
   pi, pc = _process(process_index, process_count)
   local = local_batch_size(global_batch_size, num_devices=num_devices, process_count=pc)
-  n = source.num_examples(split)
+  n = source.num_examples(split) * (regions.regions_per_image if regions else 1)
   if n == 0:
     raise ValueError(f"split {split!r} of {source.name!r} is empty")
   num_batches = math.ceil(n / global_batch_size)
@@ -263,6 +285,8 @@ def eval_dataset(source: Source, split: str, *, global_batch_size: int,
   skip_pad = start_batch * local - skip_real
   npc = _npc(num_parallel_calls)
   ds = source.records(split)
+  if regions is not None:
+    ds = regions_lib.expand(ds, regions)
   if pc > 1:
     ds = ds.shard(pc, pi)
   # Fails loudly at iteration time if the split does not hold exactly the indexed count.
@@ -270,12 +294,25 @@ def eval_dataset(source: Source, split: str, *, global_batch_size: int,
   if skip_real:
     ds = ds.skip(skip_real)  # before loading and decoding: skipped images are never read
   if source.load_fn is not None:
-    ds = ds.map(source.load_fn, num_parallel_calls=npc, deterministic=True)
+    load_fn = source.load_fn
+    if regions is not None:
+      ds = ds.map(lambda r: {**load_fn(r), "_region": r["_region"]}, num_parallel_calls=npc,
+                  deterministic=True)
+    else:
+      ds = ds.map(load_fn, num_parallel_calls=npc, deterministic=True)
   dtype = cfg.tf_dtype
-  ds = ds.map(lambda ex: {"image": augment_lib.eval_preprocess(ex["image"], cfg, dtype=dtype),
-                          "label": ex["label"], "key": ex["key"],
-                          "weight": tf.constant(1.0, tf.float32)},
-              num_parallel_calls=npc, deterministic=True)
+
+  def preprocess(ex):
+    if regions is None:
+      return {"image": augment_lib.eval_preprocess(ex["image"], cfg, dtype=dtype),
+              "label": ex["label"], "key": ex["key"], "weight": tf.constant(1.0, tf.float32)}
+    region = ex["_region"]
+    return {"image": regions_lib.teacher_view(ex["image"], ex["key"], region, regions, cfg,
+                                              dtype=dtype),
+            "label": ex["label"], "key": regions_lib.region_key(ex["key"], region),
+            "weight": tf.constant(1.0, tf.float32)}
+
+  ds = ds.map(preprocess, num_parallel_calls=npc, deterministic=True)
   size = cfg.image_size
   pad = {"image": tf.zeros([size, size, 3], dtype), "label": tf.constant(0, tf.int32),
          "key": tf.constant(b"", tf.string), "weight": tf.constant(0.0, tf.float32)}

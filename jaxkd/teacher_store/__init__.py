@@ -37,6 +37,7 @@ from jaxkd.teacher_store.layout import (
   STORE_DTYPES,
   TeacherStoreError,
   partial_path,
+  split_folder,
   store_path,
   stores_root,
 )
@@ -47,5 +48,5 @@ __all__ = [
     "DEFAULT_HINT", "EXPECTABLE_FIELDS", "FORMAT", "FORMAT_VERSION", "KEYS_FILE", "LOGITS_FILE",
     "MANIFEST_FILE", "PARTIAL_SUFFIX", "PROGRESS_FILE", "STORE_DTYPES", "Batch", "BatchSource",
     "TeacherStore", "TeacherStoreError", "params_sha256", "partial_path", "precompute",
-    "store_path", "stores_root", "teacher_id",
+    "split_folder", "store_path", "stores_root", "teacher_id",
 ]

@@ -7,6 +7,9 @@ Layout (next to the TFDS data)::
     keys.txt        UTF-8, one example key per line ('apple_pie/1005649')
     manifest.json   see below; written last
   <...>/<split>.partial/   an unfinished (resumable) precompute: never opened
+  <...>/<split>.regions-<R>/   a region store (R rows per example, keyed '<key>#<r>'; see
+                           jaxkd.data.regions), same files; its manifest's 'preprocessing' says
+                           {'mode': 'regions', 'regions_per_image': R, ...}
 
 manifest.json (format_version 1)::
 
@@ -88,6 +91,16 @@ def store_path(data_dir: PathLike, dataset: str, version: str, teacher_id: str,
   for field, value in (("teacher_id", teacher_id), ("split", split)):
     check_component(field, value)
   return root / teacher_id / split
+
+
+def split_folder(split: str, preprocessing: Mapping[str, Any] | None = None) -> str:
+  """The folder name of a split's store: the split, or '<split>.regions-<R>' for a region store
+  (preprocessing {'mode': 'regions', 'regions_per_image': R}, jaxkd.data.regions), which sits
+  beside the split's per-image store."""
+  check_component("split", split)
+  if preprocessing and preprocessing.get("mode") == "regions":
+    return f"{split}.regions-{int(preprocessing['regions_per_image'])}"
+  return split
 
 
 def partial_path(store_dir: PathLike) -> pathlib.Path:

@@ -101,9 +101,19 @@ class TeacherStore:
     # Folder names are a second record of the identity fields.
     parents = path.resolve().parents
     if len(parents) >= 4 and parents[1].name == "teacher_logits":
-      for field, folder in (("split", path.resolve().name), ("teacher_id", parents[0].name),
-                            ("version", parents[2].name), ("dataset", parents[3].name)):
-        if manifest[field] != folder:
+      try:
+        expected_split_folder = layout.split_folder(
+            manifest["split"], manifest["preprocessing"]
+            if isinstance(manifest["preprocessing"], dict) else None)
+      except (ValueError, TypeError, KeyError) as e:
+        raise fail(path, f"manifest fields 'split' / 'preprocessing' do not name a store folder "
+                   f"({e})", hint) from None
+      for field, folder, want in (
+          ("split", path.resolve().name, expected_split_folder),
+          ("teacher_id", parents[0].name, manifest["teacher_id"]),
+          ("version", parents[2].name, manifest["version"]),
+          ("dataset", parents[3].name, manifest["dataset"])):
+        if want != folder:
           raise fail(path, f"manifest field {field!r} is {manifest[field]!r} but the store's "
                      f"folder says {folder!r} (the manifest was edited or the folder moved)", hint)
 

@@ -11,6 +11,7 @@ CVPR 2015); Random Erasing (Zhong et al., "Random Erasing Data Augmentation", AA
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import tensorflow as tf
 
@@ -144,14 +145,23 @@ _NO_JITTER = (0.0, 0.0, 0.0, 0.0)
 
 
 def train_preprocess(image_bytes: tf.Tensor, seed: tf.Tensor, cfg: AugmentConfig,
-                     *, dtype: tf.DType | None = None) -> tf.Tensor:
+                     *, dtype: tf.DType | None = None,
+                     region: tuple[Callable[[tf.Tensor], tf.Tensor], tf.Tensor] | None = None
+                     ) -> tf.Tensor:
   """Encoded image + stateless seed -> augmented, normalised [S, S, 3] image.
 
   ``dtype`` overrides ``cfg.dtype`` (the pipeline keeps float32 until MixUp/CutMix).
+  ``region`` = (window function ``[H, W] -> [y, x, h, w]``, flip bool) replays a stored crop
+  (``jaxkd.data.regions``): that box and flip replace the random-resized crop's random ones; the
+  rest of the augmentation is drawn from ``seed`` as usual.
   """
   size = cfg.image_size
   s_crop, s_flip, s_jitter, s_policy, s_erase = split_seed(seed, 5)
-  if cfg.train_crop == "random_resized_crop":
+  if region is not None:
+    image = decode_and_crop(image_bytes, region[0])
+    # clipped in compiled_flip_jitter_normalize
+    image = resize(image, [size, size], cfg.antialias, clip=False)
+  elif cfg.train_crop == "random_resized_crop":
     image = decode_and_crop(image_bytes, lambda shape: random_resized_crop_window(
         shape, s_crop, scale=cfg.rrc_scale, ratio=cfg.rrc_ratio))
     # clipped in compiled_flip_jitter_normalize
@@ -176,7 +186,10 @@ def train_preprocess(image_bytes: tf.Tensor, seed: tf.Tensor, cfg: AugmentConfig
                                          tf.maximum(shape[1], size))
     image = tf.image.stateless_random_crop(image, [size, size, 3], seed=s_crop)
   image.set_shape([size, size, 3])
-  flip = flip_decision(s_flip) if cfg.flip else tf.constant(False)
+  if region is not None:
+    flip = region[1]
+  else:
+    flip = flip_decision(s_flip) if cfg.flip else tf.constant(False)
   strengths = tuple(float(x) for x in cfg.color_jitter)
   factors = color_jitter_factors(s_jitter, strengths)
   if cfg.randaugment_num_ops or cfg.autoaugment == "imagenet":
