@@ -83,12 +83,12 @@ def _eval_op_by_op(image, cfg: augment.AugmentConfig):
 
 
 def run(*, data_root: str | os.PathLike | None = None, image_size: int = 224,
-        num_images: int = 512, passes: int = 2, batch_size: int = 32,
+        num_images: int = 512, passes: int = 2, batch_size: int = 32, rounds: int = 3,
         modes: Sequence[str] = MODES,
         num_parallel_calls: Sequence[int | None] = (1, 2, 4, None),
         verbose: bool = True) -> list[dict]:
   """Times preprocessing; returns rows {mode, num_parallel_calls, images, seconds, images_per_s,
-  ...}.
+  ...}, the median of `rounds` timings of `passes` passes over `num_images` images.
 
   ``None`` in ``num_parallel_calls`` means tf.data.AUTOTUNE; "per core" divides by
   min(num_parallel_calls, cores available to this process) (all cores for AUTOTUNE).
@@ -104,49 +104,63 @@ def run(*, data_root: str | os.PathLike | None = None, image_size: int = 224,
   count = sum(1 for _ in encoded)  # fills the in-memory cache
   cores = _cores()
   configs = _configs(image_size)
-  rows = []
-  for mode in modes:
+
+  def dataset(mode: str, npc: int | None) -> tf.data.Dataset:
     cfg = configs[mode.split(",")[0]]
-    for npc in num_parallel_calls:
-      calls = tf.data.AUTOTUNE if npc is None else npc
+    calls = tf.data.AUTOTUNE if npc is None else npc
+    if mode.startswith("train"):
+      train = augment.train_preprocess if mode == "train" else _train_op_by_op
 
-      if mode.startswith("train"):
-        train = augment.train_preprocess if mode == "train" else _train_op_by_op
+      def fn(image, key):
+        seed = tf.stack([tf.constant(0, tf.int64), tf.strings.to_hash_bucket_fast(key, 2**62)])
+        return train(image, seed, cfg)
+    else:
+      evaluate = augment.eval_preprocess if mode == "eval" else _eval_op_by_op
 
-        def fn(image, key, cfg=cfg, train=train):
-          seed = tf.stack([tf.constant(0, tf.int64), tf.strings.to_hash_bucket_fast(key, 2**62)])
-          return train(image, seed, cfg)
-      else:
-        evaluate = augment.eval_preprocess if mode == "eval" else _eval_op_by_op
+      def fn(image, key):
+        del key
+        return evaluate(image, cfg)
 
-        def fn(image, key, cfg=cfg, evaluate=evaluate):
-          del key
-          return evaluate(image, cfg)
+    ds = (encoded.repeat(passes).map(fn, num_parallel_calls=calls, deterministic=True)
+          .batch(batch_size))
+    opts = tf.data.Options()
+    opts.experimental_optimization.map_parallelization = False
+    # one thread per map call, so "per core" is per core (XLA-compiled functions would
+    # otherwise also use TensorFlow's intra-op threads)
+    opts.threading.max_intra_op_parallelism = 1
+    return ds.with_options(opts).prefetch(2)
 
-      ds = (encoded.repeat(passes).map(fn, num_parallel_calls=calls, deterministic=True)
-            .batch(batch_size))
-      opts = tf.data.Options()
-      opts.experimental_optimization.map_parallelization = False
-      # one thread per map call, so "per core" is per core (XLA-compiled functions would
-      # otherwise also use TensorFlow's intra-op threads)
-      opts.threading.max_intra_op_parallelism = 1
-      ds = ds.with_options(opts).prefetch(2)
-      it = iter(ds)
-      next(it)  # warm-up: tracing and first batch
-      seen, start = 0, time.perf_counter()
-      for batch in it:
-        seen += int(batch.shape[0])
-      seconds = time.perf_counter() - start
+  def images_per_s(ds: tf.data.Dataset) -> tuple[int, float]:
+    it = iter(ds)
+    next(it)  # warm-up: tracing and first batch
+    seen, start = 0, time.perf_counter()
+    for batch in it:
+      seen += int(batch.shape[0])
+    return seen, time.perf_counter() - start
+
+  # The modes of one num_parallel_calls are timed one after the other, `rounds` times in turn, and
+  # each keeps its median round: a ratio between modes compares neighbouring measurements, so this
+  # machine's drift over minutes does not enter it.
+  rows = []
+  for npc in num_parallel_calls:
+    datasets = {mode: dataset(mode, npc) for mode in modes}
+    timings: dict[str, list[tuple[int, float]]] = {mode: [] for mode in modes}
+    for _ in range(rounds):
+      for mode in modes:
+        timings[mode].append(images_per_s(datasets[mode]))
+    for mode in modes:
+      seen, seconds = sorted(timings[mode], key=lambda t: t[0] / t[1])[len(timings[mode]) // 2]
       used = cores if npc is None else min(npc, cores)
       row = {"mode": mode, "num_parallel_calls": AUTOTUNE_LABEL if npc is None else npc,
              "image_size": image_size, "images": seen, "seconds": seconds,
              "images_per_s": seen / seconds, "images_per_s_per_core": seen / seconds / used,
-             "cores": cores, "source_images": count}
+             "cores": cores, "source_images": count, "rounds": rounds}
       rows.append(row)
       if verbose:
         print(f"  {mode:15s} npc={row['num_parallel_calls']!s:8s} "
-              f"{row['images_per_s']:8.1f} img/s", flush=True)
-  return rows
+              f"{row['images_per_s']:8.1f} img/s (median of {rounds})", flush=True)
+  order = {mode: i for i, mode in enumerate(modes)}
+  return sorted(rows, key=lambda r: order[r["mode"]])  # table order: mode, then npc
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -171,11 +185,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   parser.add_argument("--image-size", type=int, default=224)
   parser.add_argument("--num-images", type=int, default=512)
   parser.add_argument("--passes", type=int, default=2)
+  parser.add_argument("--rounds", type=int, default=3,
+                      help="timings per mode, taken in turn with the other modes (median kept)")
   args = parser.parse_args(argv)
   rows = run(data_root=args.data_root, image_size=args.image_size, num_images=args.num_images,
-             passes=args.passes)
+             passes=args.passes, rounds=args.rounds)
   print(f"\nFood-101 512-px JPEGs, {rows[0]['source_images']} images x {args.passes} passes, "
-        f"{rows[0]['cores']} CPU cores available\n")
+        f"median of {args.rounds} rounds, {rows[0]['cores']} CPU cores available\n")
   print(markdown_table(rows))
   return rows
 

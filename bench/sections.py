@@ -113,12 +113,13 @@ def section_input(args: argparse.Namespace) -> dict:
   from bench import bench_input
   if args.quick:
     rows = bench_input.run(data_root=args.data_root, image_size=args.image_size, num_images=64,
-                           passes=1, num_parallel_calls=(1, None))
+                           passes=1, rounds=1, num_parallel_calls=(1, None))
   else:
     rows = bench_input.run(data_root=args.data_root, image_size=args.image_size)
   return {"rows": rows, "markdown": bench_input.markdown_table(rows),
           "tensorflow": version("tensorflow") or version("tensorflow-cpu"),
           "note": (f"Food-101 512-px JPEGs held in memory, {rows[0]['source_images']} images, "
+                   f"median of {rows[0]['rounds']} rounds with the modes timed in turn, "
                    f"{rows[0]['cores']} CPU cores available")}
 
 

@@ -136,3 +136,19 @@ def test_missing_data_root_is_a_note_naming_the_flag(tmp_path):
   else:
     assert str(tmp_path / "food-101-mini") in note and "--data-root=DIR" in note
   assert run._skip_note("student", args, "cpu") is None
+
+
+def test_region_store_bench_writes_its_table(shared_data, tmp_path):
+  out = tmp_path / "BENCH.md"
+  cmd = [sys.executable, str(REPO / "bench" / "bench_region_store.py"),
+         f"--data-root={shared_data}", "--teacher=resnet8", "--image-sizes=32", "--regions=1,2",
+         "--num-images=4", "--batch-size=4", f"--out={out}"]
+  proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  text = out.read_text()
+  assert "region store (bench/bench_region_store.py)" in text and "--regions=1,2" in text
+  rows = [line for line in text.splitlines() if line.startswith("| 32 |")]
+  assert [row.split("|")[2].strip() for row in rows] == ["1", "2"]
+  # R regions x 101 classes (Food-101's) x 2 bytes of float16 logits at least, per image
+  assert all(float(row.split("|")[4].replace(",", "")) >= 202 * int(row.split("|")[2])
+             for row in rows)
