@@ -930,6 +930,11 @@ def validate(config, *, num_devices: int | None = None) -> None:
                           "the teachers into; use kind 'kd', 'dkd' or 'lskd', or remove them")
       for entry in extra:
         check_teacher_entry(entry, "config.student.extra_teachers")
+    if config.teacher_logits.mode == "regions" and source != "stored":
+      raise ConfigError(f"config.teacher_logits.mode='regions' stores the teacher's logits for a "
+                        f"student that reads them, but config.student.teacher={source!r}; use "
+                        "--config.student.teacher=stored, or drop the mode (an online teacher "
+                        "already sees the student's crops)")
     if (config.teacher_logits.mode == "regions" and source == "stored"
         and AugmentConfig.from_mapping(config.augment).train_crop != "random_resized_crop"):
       raise ConfigError(f"config.teacher_logits.mode='regions' replays random-resized crops, but "

@@ -232,8 +232,8 @@ def _train(ctx: _Context, role: str, model, *, init_variables=None,
   lookup = regions = None
   if needs_teacher and not online_teachers:
     from jaxkd.data.teacher_logits import stacked_lookup, tf_lookup
-    lookup = (tf_lookup(stores[0]) if len(stores) == 1
-              else stacked_lookup([tf_lookup(s) for s in stores]))
+    lookup = (_lookup(tf_lookup, stores[0]) if len(stores) == 1
+              else stacked_lookup([_lookup(tf_lookup, s) for s in stores]))
     regions = _regions(config)
   augment = dict(config.augment)
   num_parallel_calls = config.data.num_parallel_calls
@@ -317,6 +317,19 @@ def _preprocessing(config) -> dict:
           "antialias": aug.antialias, "normalization": "imagenet_mean_std"}
 
 
+# A store up to this size is held in host RAM while training (a gather costs nothing); a larger
+# one (an ImageNet region store: R x 2.6 GB) is read from its memory-mapped file.
+LOOKUP_IN_RAM_MAX_BYTES = 4 << 30
+
+
+def _lookup(tf_lookup, store):
+  backend = "memory" if store.logits.nbytes <= LOOKUP_IN_RAM_MAX_BYTES else "mmap"
+  if backend == "mmap":
+    _log(f"teacher logits: {store.logits.nbytes / 2**30:.1f} GiB, read from the memory-mapped "
+         f"{store.path} (over {LOOKUP_IN_RAM_MAX_BYTES >> 30} GiB, not held in RAM)")
+  return tf_lookup(store, backend=backend)
+
+
 def _regions(config):
   """The stored regions (jaxkd.data.regions.RegionSpec) with config.teacher_logits.mode='regions',
   else None. The region seed is fixed (0), so one store serves the student runs of every seed."""
@@ -327,9 +340,13 @@ def _regions(config):
 
 
 def _store_preprocessing(config) -> dict:
-  """What a store's rows were computed from (its manifest's 'preprocessing', checked on open)."""
+  """What a store's rows were computed from (its manifest's 'preprocessing', checked on open);
+  a region store's views do not depend on the eval crop."""
   regions = _regions(config)
-  return {**_preprocessing(config), **(regions.record() if regions else {})}
+  if regions is None:
+    return _preprocessing(config)
+  view = {k: v for k, v in _preprocessing(config).items() if k != "eval_crop_fraction"}
+  return {**view, **regions.record()}
 
 
 def _needs_store(config) -> bool:

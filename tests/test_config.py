@@ -184,6 +184,19 @@ def test_validate_refuses_an_option_the_model_does_not_take():
   schema.validate(config, num_devices=8)
 
 
+def test_region_mode_needs_stored_logits_and_random_resized_crops():
+  config = schema.base_config()
+  config.teacher_logits.mode = "regions"
+  schema.validate(config, num_devices=8)
+  config.student.teacher = "online"
+  with pytest.raises(schema.ConfigError, match=r"mode='regions'.*student\.teacher='online'"):
+    schema.validate(config, num_devices=8)
+  config.student.teacher = "stored"
+  config.augment.train_crop = "pad_random_crop"
+  with pytest.raises(schema.ConfigError, match=r"train_crop='pad_random_crop'"):
+    schema.validate(config, num_devices=8)
+
+
 def test_handoff_is_last_by_default_and_only_last_or_best():
   config = schema.base_config()
   assert config.teacher.handoff == "last" and config.student.handoff == "last"

@@ -99,6 +99,15 @@ def test_sharded_batch_and_bfloat16():
     np.testing.assert_allclose(np.asarray(dx, np.float64), dx_ref, rtol=tol, atol=tol)
 
 
+def test_windows_beyond_127_taps():
+  rng = np.random.default_rng(7)
+  x = rng.standard_normal((1, 14, 14, 1)).astype(np.float32)
+  dy = rng.standard_normal((1, 2, 2, 1)).astype(np.float32)
+  _, dx_ref = _numpy_max_pool_and_grad(x, dy, 12, 2, 0)
+  _, pullback = jax.vjp(lambda v: pooling.routed_max_pool(v, (12, 12), (2, 2), ((0, 0),) * 2), x)
+  np.testing.assert_allclose(pullback(dy)[0], dx_ref, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("args", [(3, 2, 2), (0, 1, 0), (3, 0, 1)])
 def test_bad_arguments_are_named(args):
   with pytest.raises(ValueError, match=r"window .*stride .*padding"):

@@ -173,6 +173,37 @@ def test_interrupted_precompute_resumes_byte_identically_and_tampering_is_refuse
     ts.TeacherStore.open(st.path, expect={"preprocessing": regions_lib.RegionSpec(R + 1).record()})
 
 
+def test_data_dir_places_the_store_in_its_region_folder(food, store, teacher, tmp_path):
+  """precompute(data_dir=...) names a region store's folder split_folder(split, record), which the
+  reader expects; check_store refuses a store of other regions."""
+  spec, st = store
+  folder = ts.split_folder("train", spec.record())
+  assert folder.startswith(f"train.regions-{R}-") and folder != ts.split_folder(
+      "train", regions_lib.RegionSpec(R, rrc_scale=(0.5, 1.0)).record())
+  small = food.num_examples("train")
+
+  def batches(start_batch=0):  # the first example's regions only: enough to place and reopen
+    del start_batch
+    b = next(pipeline.eval_batches(food, "train", global_batch_size=BATCH, augment=PLAIN,
+                                   regions=spec))
+    yield {**b, "weight": (np.arange(BATCH) < R).astype(np.float32)}
+
+  placed = ts.precompute(batches, teacher, dataset=food.name, version=food.version,
+                         split="train", teacher_id="resnet8-test", data_dir=tmp_path,
+                         num_examples=R, num_classes=food.num_classes,
+                         preprocessing=spec.record(), progress=False)
+  assert placed.path.name == folder and placed.path.parent.parent.name == "teacher_logits"
+  assert ts.TeacherStore.open(placed.path).num_examples == R < small * R
+  with pytest.raises(ValueError, match=folder):
+    ts.precompute(batches, teacher, dataset=food.name, version=food.version, split="train",
+                  teacher_id="resnet8-test", store_dir=placed.path.with_name("train"),
+                  num_examples=R, num_classes=food.num_classes, preprocessing=spec.record(),
+                  progress=False)
+  regions_lib.check_store(st, spec)
+  with pytest.raises(ValueError, match="rrc_scale"):
+    regions_lib.check_store(st, regions_lib.RegionSpec(R, rrc_scale=(0.5, 1.0)))
+
+
 def test_region_spec_refuses_other_crops():
   with pytest.raises(ValueError, match="random_resized_crop"):
     regions_lib.RegionSpec.from_augment(4, {"train_crop": "pad_random_crop"})

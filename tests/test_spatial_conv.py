@@ -177,3 +177,27 @@ def test_resnet_stem_and_stage_shapes_take_the_measured_methods():
   assert spatial_conv.kernel_grad_method(512, (3, 3), (7, 7)) == "xla"
   assert spatial_conv.input_grad_method((2, 2), (28, 28)) == "phases"
   assert spatial_conv.input_grad_method((2, 2), (7, 7)) == "xla"
+
+
+def test_xla_gradients_opt_out_allows_per_example_gradients(monkeypatch):
+  """With JAXKD_XLA_GRADIENTS=1 models use XLA's operations, which every transformation supports:
+  jax.vmap of a gradient through a k x k convolution, a depthwise convolution and max pooling."""
+  from jaxkd.models import derivatives, pooling
+  monkeypatch.setenv(derivatives.ENV, "1")
+  conv = layers.conv(4, 3, strides=2)
+  depthwise = layers.DepthwiseConv(3)
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.standard_normal((3, 12, 12, 8)), jnp.float32)
+  pc = conv.init(jax.random.key(0), x[:1])
+  pd = depthwise.init(jax.random.key(1), jnp.zeros((1, 6, 6, 4)))
+
+  def loss(params, image):
+    y = depthwise.apply(params[1], conv.apply(params[0], image[None]))
+    return jnp.sum(pooling.max_pool(y, 3, 2, 1) ** 2)
+
+  per_example = jax.vmap(jax.grad(loss), in_axes=(None, 0))((pc, pd), x)
+  for i in range(3):
+    one = jax.grad(loss)((pc, pd), x[i])
+    for a, b in zip(jax.tree.leaves(per_example), jax.tree.leaves(one)):
+      np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-6)
+  assert "custom_jvp_call" not in str(jax.make_jaxpr(loss)((pc, pd), x[0]))

@@ -13,7 +13,7 @@ Here region r of an image is a function of the image's key and size alone:
     s_r          = split_seed(fold_in((region_seed, hash(key)), int64 r), 2)
     box, flip    = random_resized_crop_window(shape, s_r[0]), flip_decision(s_r[1])
 
-(TensorFlow's stateless fold_in, to_hash_bucket_fast and split_seed of jaxkd.data.augment)
+with TensorFlow's stateless fold_in and to_hash_bucket_fast and jaxkd.data.augment's split_seed
 
 (the training augmentation's own crop distribution, `rrc_scale` / `rrc_ratio`, and flip), so the
 store holds only the teacher's logits, one row per region under the key `region_key(key, r)`
@@ -25,12 +25,14 @@ store holds only the teacher's logits, one row per region under the key `region_
   example's augmentation seed, decodes the same box with the same flip, then applies the rest of
   the training augmentation (colour jitter, RandAugment, erasing, MixUp/CutMix) on top; the
   teacher's row is looked up under '<key>#<r>'. MixUp/CutMix then mix the two examples' stored
-  teacher probabilities with the images' lambda, as FKD-Mix (Yin, Xing and Shen, "Squeezing,
-  Recovering and Relabeling: Dataset Condensation at ImageNet Scale From A New Perspective",
-  NeurIPS 2023) mixes its stored soft labels.
+  teacher probabilities with the images' lambda: a linear stand-in for the teacher's output on
+  the mixed image. FKD-Mix (Yin, Xing and Shen, "Squeezing, Recovering and Relabeling: Dataset
+  Condensation at ImageNet Scale From A New Perspective", NeurIPS 2023) instead stores the mixing
+  parameters too and the teacher's soft label of the mixed image itself.
 
 A store is only valid for the region parameters it was computed with: `RegionSpec.record()` goes
-into the store's manifest (its 'preprocessing'), which the reader checks when it opens the store.
+into the store's manifest (its 'preprocessing'); `check_store(store, spec)` compares the two
+(main.py opens its stores with that record expected).
 """
 from __future__ import annotations
 
@@ -75,6 +77,19 @@ class RegionSpec:
     return {"mode": "regions", "regions_per_image": self.regions_per_image,
             "region_seed": self.seed, "rrc_scale": list(self.rrc_scale),
             "rrc_ratio": list(self.rrc_ratio), "flip": self.flip}
+
+
+def check_store(store: Any, spec: RegionSpec) -> None:
+  """Raises ValueError unless `store` (a jaxkd.teacher_store.TeacherStore) holds the regions of
+  `spec`: replaying other crops than the teacher saw would give the student wrong labels."""
+  held = store.manifest.get("preprocessing") or {}
+  want = spec.record()
+  differ = {k: (held.get(k), v) for k, v in want.items() if held.get(k) != v}
+  if differ:
+    text = ", ".join(f"{k} {a!r} (wanted {b!r})" for k, (a, b) in differ.items())
+    raise ValueError(f"teacher store {store.path} does not hold these regions: {text}; compute a "
+                     "store for this RegionSpec (its own folder, split_folder(split, "
+                     "spec.record()))")
 
 
 def region_key(key: tf.Tensor, region: tf.Tensor) -> tf.Tensor:

@@ -24,6 +24,9 @@ zero padding ((ph0, ph1), (pw0, pw1)) and xp the padded input:
 * On every other platform (GPU, TPU) it is `lax.conv_general_dilated`
   (cuDNN / the TPU convolution units).
 
+`jax.vmap` of a gradient and `jax.hessian` do not go through the custom JVP (derivatives.py;
+JAXKD_XLA_GRADIENTS=1 uses XLA's grouped convolution everywhere).
+
 The choice is made per lowering platform with `lax.platform_dependent`, so an
 ahead-of-time lowering for GPU gets the cuDNN path even on a CPU host. On CPU the
 shifted-slice path is used for every shape: it was faster in every case measured
@@ -46,7 +49,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero, linear_call
 
-from jaxkd.models import stride_phases
+from jaxkd.models import derivatives, stride_phases
 
 IntPair = tuple[int, int]
 PadPair = tuple[IntPair, IntPair]
@@ -74,6 +77,8 @@ def depthwise_conv2d(x: jax.Array, kernel: jax.Array, *, strides: StridesArg = 1
   grouped convolution.
   """
   s, pad = _check(x, kernel, strides, padding)
+  if derivatives.xla_only():
+    return xla_depthwise_conv2d(x, kernel, strides=s, padding=pad)
   return lax.platform_dependent(
       x, kernel,
       cpu=functools.partial(shift_depthwise_conv2d, strides=s, padding=pad),

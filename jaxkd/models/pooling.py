@@ -17,7 +17,9 @@ won (int8), and computes
   each placed back on the input grid with `lax.pad` (interior padding stride - 1), cropped to
   the unpadded input: one fused loop over the input.
 
-The choice is made per lowering platform with `lax.platform_dependent`.
+The choice is made per lowering platform with `lax.platform_dependent`. As in depthwise.py,
+`jax.grad` and `jax.jvp` work through it, `jax.vmap` of a gradient and `jax.hessian` do not
+(derivatives.py; JAXKD_XLA_GRADIENTS=1 uses XLA's everywhere).
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero, linear_call
+
+from jaxkd.models import derivatives
 
 IntPair = tuple[int, int]
 PadPair = tuple[IntPair, IntPair]
@@ -54,11 +58,13 @@ def _pad_with(x: jax.Array, pad: PadPair, value) -> jax.Array:
 
 def _winners(x: jax.Array, y: jax.Array, window: IntPair, strides: IntPair,
              pad: PadPair) -> jax.Array:
-  """int8 [B, Ho, Wo, C]: the row-major index of the first tap equal to the maximum y."""
+  """[B, Ho, Wo, C] (int8, int32 beyond 127 taps): the row-major index of the first tap equal to
+  the maximum y."""
   taps = list(_taps(_pad_with(x, pad, -jnp.inf), window, strides, y.shape[1:3]))
-  winner = jnp.full(y.shape, len(taps) - 1, jnp.int8)
+  index = jnp.int8 if len(taps) <= 127 else jnp.int32
+  winner = jnp.full(y.shape, len(taps) - 1, index)
   for t in range(len(taps) - 2, -1, -1):
-    winner = jnp.where(taps[t] == y, jnp.int8(t), winner)
+    winner = jnp.where(taps[t] == y, index(t), winner)
   return winner
 
 
@@ -126,5 +132,7 @@ def max_pool(x: jax.Array, window: int = 3, stride: int = 2, padding: int = 1) -
                      f"(as torch.nn.MaxPool2d); got window {window}, stride {stride}, "
                      f"padding {padding}")
   args = ((window, window), (stride, stride), ((padding, padding), (padding, padding)))
+  if derivatives.xla_only():
+    return _xla_max_pool(x, *args)
   return lax.platform_dependent(x, cpu=lambda v: routed_max_pool(v, *args),
                                 default=lambda v: _xla_max_pool(v, *args))

@@ -38,7 +38,9 @@ phase, interleaved, when the output has at least 100 pixels; XLA's transposed co
 otherwise and for stride 1 (where the two are the same computation).
 
 The forward is always `lax.conv_general_dilated`. The derivatives are a custom JVP whose two
-linear parts carry these transposes (as depthwise.py), so forward and reverse mode both work.
+linear parts carry these transposes (as depthwise.py): `jax.grad` and `jax.jvp` work, `jax.vmap`
+of a gradient and `jax.hessian` do not (derivatives.py; JAXKD_XLA_GRADIENTS=1 turns this module
+off).
 On GPU and TPU (cuDNN, the TPU convolution units) every convolution is
 `lax.conv_general_dilated` with XLA's gradients; the choice is made per lowering platform with
 `lax.platform_dependent`. 1x1 convolutions are pointwise.py's business.
@@ -54,7 +56,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero, linear_call
 
-from jaxkd.models import pointwise, stride_phases
+from jaxkd.models import derivatives, pointwise, stride_phases
 
 IntPair = tuple[int, int]
 PadPair = tuple[IntPair, IntPair]
@@ -218,8 +220,9 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
                 batch_group_count=batch_group_count, precision=precision,
                 preferred_element_type=preferred_element_type)
   pad = _explicit_padding(padding)
-  if not _is_spatial(lhs, rhs, pad, lhs_dilation, rhs_dilation, dimension_numbers,
-                     feature_group_count, batch_group_count, precision, preferred_element_type):
+  if derivatives.xla_only() or not _is_spatial(
+      lhs, rhs, pad, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
+      batch_group_count, precision, preferred_element_type):
     return pointwise.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
   strides = tuple(int(s) for s in window_strides)
   return lax.platform_dependent(

@@ -7,8 +7,10 @@ Lightweight Food Image Classification Model Based on Knowledge Distillation and 
 training images and the student reads the stored logits instead of running the teacher every
 step. Beyer, Zhai, Royer, Markeeva, Anil and Kolesnikov ("Knowledge distillation: A good
 teacher is patient and consistent", CVPR 2022) show that fixed logits are inconsistent with
-random crops, so these logits are computed with *eval* preprocessing (recorded in the manifest)
-and are the cheap baseline, not the strongest recipe.
+random crops, so per-image logits are computed with *eval* preprocessing (recorded in the
+manifest) and are the cheap baseline, not the strongest recipe. Region stores
+(`jaxkd.data.regions`, folder `split_folder(split, preprocessing)`) hold the teacher's logits on R
+stored training crops per image instead, replayed for the student.
 
 One job per module:
 

@@ -56,10 +56,11 @@ def precompute(
       is never called on a batch with no real rows.
     dataset, version, split, teacher_id: identify the store (folder names and manifest fields).
     num_examples: N, the number of real examples the source yields; exactly N must arrive.
-    num_classes: C. preprocessing: the eval preprocessing used (dict, recorded and checked on
-      open).
+    num_classes: C. preprocessing: the preprocessing the teacher saw (dict, recorded and checked
+      on open): the eval view, or a region record (jaxkd.data.regions.RegionSpec.record()).
     store_dir / data_dir: the final folder, or the TFDS data_dir to place it at
-      `store_path(data_dir, dataset, version, teacher_id, split)` (give exactly one).
+      `store_path(data_dir, dataset, version, teacher_id, split)` with the folder named
+      `split_folder(split, preprocessing)` (give exactly one).
     class_names, teacher_info: optional manifest entries (teacher_info: free-form JSON dict, e.g.
       the checkpoint path and its accuracy).
     dtype: 'float16' (default; halves the size, logits are O(10)) or 'float32'.
@@ -83,9 +84,17 @@ def precompute(
   for field, value in (("dataset", dataset), ("version", version), ("teacher_id", teacher_id),
                        ("split", split)):
     layout.check_component(field, value)
+  if not isinstance(preprocessing, Mapping):
+    raise ValueError(f"precompute: preprocessing must be a dict, got "
+                     f"{type(preprocessing).__name__}")
+  folder = layout.split_folder(split, preprocessing)
   final = (pathlib.Path(store_dir) if store_dir is not None
-           else layout.store_path(data_dir, dataset, version, teacher_id, split))
+           else layout.store_path(data_dir, dataset, version, teacher_id, split).with_name(folder))
   layout.check_component("store_dir name", final.name)
+  if final.parent.parent.name == "teacher_logits" and final.name != folder:
+    raise ValueError(f"precompute: store_dir {final} is inside a teacher_logits tree, where this "
+                     f"store's folder must be named {folder!r} (split {split!r} and its "
+                     "preprocessing); pass data_dir= instead, or store_dir=<...>/" + folder)
   if dtype not in layout.STORE_DTYPES:
     raise ValueError(f"precompute: dtype {dtype!r} is not one of {layout.STORE_DTYPES}")
   if not isinstance(num_examples, (int, np.integer)) or num_examples < 1:
@@ -97,9 +106,6 @@ def precompute(
     if len(class_names) != num_classes:
       raise ValueError(f"precompute: {len(class_names)} class_names given for "
                        f"num_classes={num_classes}")
-  if not isinstance(preprocessing, Mapping):
-    raise ValueError(f"precompute: preprocessing must be a dict, got "
-                     f"{type(preprocessing).__name__}")
   if flush_every < 1:
     raise ValueError(f"precompute: flush_every must be >= 1, got {flush_every}")
   num_examples, num_classes = int(num_examples), int(num_classes)

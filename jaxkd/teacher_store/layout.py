@@ -7,7 +7,7 @@ Layout (next to the TFDS data)::
     keys.txt        UTF-8, one example key per line ('apple_pie/1005649')
     manifest.json   see below; written last
   <...>/<split>.partial/   an unfinished (resumable) precompute: never opened
-  <...>/<split>.regions-<R>/   a region store (R rows per example, keyed '<key>#<r>'; see
+  <...>/<split>.regions-<R>-<hex>/   a region store (R rows per example, keyed '<key>#<r>'; see
                            jaxkd.data.regions), same files; its manifest's 'preprocessing' says
                            {'mode': 'regions', 'regions_per_image': R, ...}
 
@@ -94,12 +94,14 @@ def store_path(data_dir: PathLike, dataset: str, version: str, teacher_id: str,
 
 
 def split_folder(split: str, preprocessing: Mapping[str, Any] | None = None) -> str:
-  """The folder name of a split's store: the split, or '<split>.regions-<R>' for a region store
-  (preprocessing {'mode': 'regions', 'regions_per_image': R}, jaxkd.data.regions), which sits
-  beside the split's per-image store."""
+  """The folder name of a split's store: the split, or '<split>.regions-<R>-<8 hex>' for a region
+  store (preprocessing {'mode': 'regions', 'regions_per_image': R, ...}, jaxkd.data.regions),
+  which sits beside the split's per-image store; the hex digits are the sha256 of the canonical
+  JSON of its preprocessing, so stores of other crops or sizes live side by side."""
   check_component("split", split)
   if preprocessing and preprocessing.get("mode") == "regions":
-    return f"{split}.regions-{int(preprocessing['regions_per_image'])}"
+    digest = hashlib.sha256(canonical_json(dict(preprocessing)).encode()).hexdigest()[:8]
+    return f"{split}.regions-{int(preprocessing['regions_per_image'])}-{digest}"
   return split
 
 
