@@ -114,9 +114,9 @@ class TeacherStore:
           ("version", parents[2].name, manifest["version"]),
           ("dataset", parents[3].name, manifest["dataset"])):
         if want != folder:
-          raise fail(path, f"manifest field {field!r} is {manifest[field]!r}, so the store's "
-                     f"folder should be {want!r}, but it is {folder!r} (the manifest was edited "
-                     "or the folder moved)", hint)
+          raise fail(path, f"manifest field {field!r} is {manifest[field]!r} but the store's "
+                     f"folder is {folder!r}, not {want!r} (the manifest was edited or the folder "
+                     "moved)", hint)
 
     files = manifest["files"]
     for name, default in (("logits", layout.LOGITS_FILE), ("keys", layout.KEYS_FILE)):
