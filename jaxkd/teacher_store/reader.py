@@ -115,8 +115,8 @@ class TeacherStore:
           ("dataset", parents[3].name, manifest["dataset"])):
         if want != folder:
           raise fail(path, f"manifest field {field!r} is {manifest[field]!r} but the store's "
-                     f"folder is {folder!r}, not {want!r} (the manifest was edited or the folder "
-                     "moved)", hint)
+                     f"folder says {folder!r}, not {want!r} (the manifest was edited or the "
+                     "folder moved)", hint)
 
     files = manifest["files"]
     for name, default in (("logits", layout.LOGITS_FILE), ("keys", layout.KEYS_FILE)):
