@@ -572,3 +572,5 @@ def test_region_store_run(food_data, finished, tmp_path):
   assert manifest["preprocessing"]["regions_per_image"] == 2
   assert "(2 regions per image," in proc.stdout
   assert "[student] step 2/2" in proc.stdout
+  title = json.loads((tmp_path / "regions" / "report.json").read_text())["title"]
+  assert title.endswith("KD from stored teacher logits of 2 crop regions per image"), title

@@ -154,6 +154,10 @@ def _loss_text(config) -> str:
     parts.append("in phases " + " / ".join(loss.phases))
   teacher = config.student.get("teacher", "stored")
   source = {"stored": "stored teacher logits", "online": "an online teacher"}.get(teacher, teacher)
+  logits = config.get("teacher_logits")
+  if teacher == "stored" and logits is not None and logits.get("mode") == "regions":
+    source = (f"stored teacher logits of {int(logits.regions_per_image)} crop regions per "
+              "image")
   extra = tuple(config.student.get("extra_teachers") or ())
   if extra:
     source = source.replace("an online teacher", "online teachers") + (
