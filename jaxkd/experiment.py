@@ -231,9 +231,9 @@ def _train(ctx: _Context, role: str, model, *, init_variables=None,
                      "logits or an online teacher")
   lookup = regions = None
   if needs_teacher and not online_teachers:
-    from jaxkd.data.teacher_logits import stacked_lookup, tf_lookup
-    lookup = (_lookup(tf_lookup, stores[0]) if len(stores) == 1
-              else stacked_lookup([_lookup(tf_lookup, s) for s in stores]))
+    from jaxkd.data.teacher_logits import stacked_lookup
+    lookup = (_lookup(stores[0]) if len(stores) == 1
+              else stacked_lookup([_lookup(s) for s in stores]))
     regions = _regions(config)
   augment = dict(config.augment)
   num_parallel_calls = config.data.num_parallel_calls
@@ -322,7 +322,9 @@ def _preprocessing(config) -> dict:
 LOOKUP_IN_RAM_MAX_BYTES = 4 << 30
 
 
-def _lookup(tf_lookup, store):
+def _lookup(store):
+  """The tf.data join of `store` (jaxkd.data.teacher_logits.tf_lookup), held in RAM or mapped."""
+  from jaxkd.data.teacher_logits import tf_lookup
   backend = "memory" if store.logits.nbytes <= LOOKUP_IN_RAM_MAX_BYTES else "mmap"
   if backend == "mmap":
     _log(f"teacher logits: {store.logits.nbytes / 2**30:.1f} GiB, read from the memory-mapped "
@@ -404,9 +406,9 @@ def _store(ctx: _Context, teacher: Trained):
   tid = teacher_store.teacher_id(teacher.name, teacher.variables)
   split = "train"
   preprocessing = _store_preprocessing(config)
-  store_dir = teacher_store.store_path(_store_root(ctx), source.name, source.version, tid, split)
-  # a region store has its own folder beside the per-image store: train.regions-<R>
-  store_dir = store_dir.with_name(teacher_store.split_folder(split, preprocessing))
+  # a region store has its own folder beside the per-image store: train.regions-<R>-<hex>
+  store_dir = teacher_store.store_path(_store_root(ctx), source.name, source.version, tid, split,
+                                       preprocessing)
   regions = _regions(config)
   rows = source.num_examples(split) * (regions.regions_per_image if regions else 1)
   expect = dict(dataset=source.name, version=source.version, split=split,

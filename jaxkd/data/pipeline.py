@@ -195,8 +195,7 @@ def train_dataset(source: Source, split: str = "train", *, global_batch_size: in
     region = None
     if regions is not None:
       r = regions_lib.pick(example_seed, regions)
-      region = (regions_lib.window_fn(ex["key"], r, regions),
-                regions_lib.flip(ex["key"], r, regions))
+      region = regions_lib.replay(ex["key"], r, regions)
       out.update(region=r, teacher_key=regions_lib.region_key(ex["key"], r))
     out["image"] = augment_lib.train_preprocess(ex["image"], example_seed, cfg, dtype=image_dtype,
                                                 region=region)

@@ -97,26 +97,19 @@ def region_key(key: tf.Tensor, region: tf.Tensor) -> tf.Tensor:
   return tf.strings.join([key, tf.strings.as_string(tf.cast(region, tf.int64))], separator="#")
 
 
-def _region_seeds(key: tf.Tensor, region: tf.Tensor, spec: RegionSpec):
+def replay(key: tf.Tensor, region: tf.Tensor, spec: RegionSpec):
+  """(window function `shape [H, W] -> int32 [y, x, h, w]`, flip bool []): the box and the flip of
+  region `region` of the example `key` (what `augment.train_preprocess(region=...)` takes)."""
   key_hash = tf.strings.to_hash_bucket_fast(key, _NEVER)
   seed = tf.random.experimental.stateless_fold_in(
       tf.stack([tf.constant(spec.seed, tf.int64), key_hash]), tf.cast(region, tf.int64))
-  return augment_lib.split_seed(seed, 2)
+  s_crop, s_flip = augment_lib.split_seed(seed, 2)
 
+  def window_fn(shape):
+    return augment_lib.random_resized_crop_window(shape, s_crop, scale=spec.rrc_scale,
+                                                  ratio=spec.rrc_ratio)
 
-def window_fn(key: tf.Tensor, region: tf.Tensor, spec: RegionSpec):
-  """`shape [H, W] -> int32 [y, x, h, w]`: the box of region `region` of the example `key`."""
-  s_crop, _ = _region_seeds(key, region, spec)
-  return lambda shape: augment_lib.random_resized_crop_window(
-      shape, s_crop, scale=spec.rrc_scale, ratio=spec.rrc_ratio)
-
-
-def flip(key: tf.Tensor, region: tf.Tensor, spec: RegionSpec) -> tf.Tensor:
-  """bool []: whether region `region` of the example `key` is flipped left-right."""
-  if not spec.flip:
-    return tf.constant(False)
-  _, s_flip = _region_seeds(key, region, spec)
-  return augment_lib.flip_decision(s_flip)
+  return window_fn, (augment_lib.flip_decision(s_flip) if spec.flip else tf.constant(False))
 
 
 def pick(example_seed: tf.Tensor, spec: RegionSpec) -> tf.Tensor:
@@ -131,11 +124,12 @@ def teacher_view(image_bytes: tf.Tensor, key: tf.Tensor, region: tf.Tensor, spec
   """The image the teacher sees for region `region`: its box decoded and resized to
   `cfg.image_size`, flipped, normalised; no other augmentation."""
   size = cfg.image_size
-  image = augment_lib.decode_and_crop(image_bytes, window_fn(key, region, spec))
+  window_fn, flip = replay(key, region, spec)
+  image = augment_lib.decode_and_crop(image_bytes, window_fn)
   image = augment_lib.ops.resize(image, [size, size], cfg.antialias, clip=False)
   image.set_shape([size, size, 3])
   image = augment_lib.compiled_flip_jitter_normalize((0.0, 0.0, 0.0, 0.0), True)(
-      image, tf.zeros([4], tf.float32), flip(key, region, spec))
+      image, tf.zeros([4], tf.float32), flip)
   return tf.cast(image, dtype or cfg.tf_dtype)
 
 

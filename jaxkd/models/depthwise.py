@@ -47,7 +47,6 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.custom_derivatives import SymbolicZero, linear_call
 
 from jaxkd.models import derivatives, stride_phases
 
@@ -267,8 +266,8 @@ def _kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int], strid
 
 
 # ---------------------------------------------------------------------------
-# derivatives: y(x, w) is bilinear, so dy = y(dx, w) + y(x, dw); each part is a
-# linear_call whose transpose is the matching gradient above.
+# derivatives: y(x, w) is bilinear (derivatives.bilinear_jvp, with the gradients above as
+# the transposes).
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
@@ -278,22 +277,11 @@ def _shift_conv(x, kernel, strides, pad):
 
 def _shift_conv_jvp(strides, pad, primals, tangents):
   x, kernel = primals
-  tx, tk = tangents
-  y = _forward(x, kernel, strides, pad)
-  parts = []
-  if not isinstance(tx, SymbolicZero):
-    parts.append(linear_call(
-        lambda k, t: _forward(t, k, strides, pad),
-        lambda k, ct: _input_grad(ct, k, strides, pad, x.shape[1:3]),
-        kernel, tx))
-  if not isinstance(tk, SymbolicZero):
-    parts.append(linear_call(
-        lambda xx, t: _forward(xx, t, strides, pad),
-        lambda xx, ct: _kernel_grad(xx, ct, kernel.shape, strides, pad),
-        x, tk))
-  if not parts:
-    return y, jnp.zeros_like(y)
-  return y, functools.reduce(jnp.add, parts)
+  return derivatives.bilinear_jvp(
+      lambda a, k: _forward(a, k, strides, pad),
+      lambda ct, k: _input_grad(ct, k, strides, pad, x.shape[1:3]),
+      lambda a, ct: _kernel_grad(a, ct, kernel.shape, strides, pad),
+      primals, tangents)
 
 
 _shift_conv.defjvp(_shift_conv_jvp, symbolic_zeros=True)

@@ -54,7 +54,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.custom_derivatives import SymbolicZero, linear_call
 
 from jaxkd.models import derivatives, pointwise, stride_phases
 
@@ -144,8 +143,7 @@ def _input_grad(dy: jax.Array, kernel: jax.Array, strides: IntPair, pad: PadPair
                                   in_shape[3], correlate)
 
 
-# y(x, w) is bilinear, so dy = y(dx, w) + y(x, dw); each part is a linear_call whose transpose
-# is the matching gradient above.
+# y(x, w) is bilinear: derivatives.bilinear_jvp, with the gradients above as the transposes.
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
@@ -155,22 +153,11 @@ def _cpu_conv(x, kernel, strides, pad):
 
 def _cpu_conv_jvp(strides, pad, primals, tangents):
   x, kernel = primals
-  tx, tk = tangents
-  y = _xla_conv(x, kernel, strides, pad)
-  parts = []
-  if not isinstance(tx, SymbolicZero):
-    parts.append(linear_call(
-        lambda k, t: _xla_conv(t, k, strides, pad),
-        lambda k, ct: _input_grad(ct, k, strides, pad, x.shape),
-        kernel, tx))
-  if not isinstance(tk, SymbolicZero):
-    parts.append(linear_call(
-        lambda xx, t: _xla_conv(xx, t, strides, pad),
-        lambda xx, ct: _kernel_grad(xx, ct, kernel.shape[:2], strides, pad),
-        x, tk))
-  if not parts:
-    return y, jnp.zeros_like(y)
-  return y, functools.reduce(jnp.add, parts)
+  return derivatives.bilinear_jvp(
+      lambda a, k: _xla_conv(a, k, strides, pad),
+      lambda ct, k: _input_grad(ct, k, strides, pad, x.shape),
+      lambda a, ct: _kernel_grad(a, ct, kernel.shape[:2], strides, pad),
+      primals, tangents)
 
 
 _cpu_conv.defjvp(_cpu_conv_jvp, symbolic_zeros=True)

@@ -59,8 +59,8 @@ def precompute(
     num_classes: C. preprocessing: the preprocessing the teacher saw (dict, recorded and checked
       on open): the eval view, or a region record (jaxkd.data.regions.RegionSpec.record()).
     store_dir / data_dir: the final folder, or the TFDS data_dir to place it at
-      `store_path(data_dir, dataset, version, teacher_id, split)` with the folder named
-      `split_folder(split, preprocessing)` (give exactly one).
+      `store_path(data_dir, dataset, version, teacher_id, split, preprocessing)` (give exactly
+      one).
     class_names, teacher_info: optional manifest entries (teacher_info: free-form JSON dict, e.g.
       the checkpoint path and its accuracy).
     dtype: 'float16' (default; halves the size, logits are O(10)) or 'float32'.
@@ -89,7 +89,7 @@ def precompute(
                      f"{type(preprocessing).__name__}")
   folder = layout.split_folder(split, preprocessing)
   final = (pathlib.Path(store_dir) if store_dir is not None
-           else layout.store_path(data_dir, dataset, version, teacher_id, split).with_name(folder))
+           else layout.store_path(data_dir, dataset, version, teacher_id, split, preprocessing))
   layout.check_component("store_dir name", final.name)
   if final.parent.parent.name == "teacher_logits" and final.name != folder:
     raise ValueError(f"precompute: store_dir {final} is inside a teacher_logits tree, where this "

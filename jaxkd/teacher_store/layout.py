@@ -85,12 +85,12 @@ def stores_root(data_dir: PathLike, dataset: str, version: str) -> pathlib.Path:
 
 
 def store_path(data_dir: PathLike, dataset: str, version: str, teacher_id: str,
-               split: str) -> pathlib.Path:
-  """<data_dir>/<dataset>/<version>/teacher_logits/<teacher_id>/<split> (the final store folder)."""
+               split: str, preprocessing: Mapping[str, Any] | None = None) -> pathlib.Path:
+  """<data_dir>/<dataset>/<version>/teacher_logits/<teacher_id>/<split folder> (the final store
+  folder; `split_folder(split, preprocessing)`: the split, or a region store's own folder)."""
   root = stores_root(data_dir, dataset, version)
-  for field, value in (("teacher_id", teacher_id), ("split", split)):
-    check_component(field, value)
-  return root / teacher_id / split
+  check_component("teacher_id", teacher_id)
+  return root / teacher_id / split_folder(split, preprocessing)
 
 
 def split_folder(split: str, preprocessing: Mapping[str, Any] | None = None) -> str:

@@ -157,13 +157,10 @@ def train_preprocess(image_bytes: tf.Tensor, seed: tf.Tensor, cfg: AugmentConfig
   """
   size = cfg.image_size
   s_crop, s_flip, s_jitter, s_policy, s_erase = split_seed(seed, 5)
-  if region is not None:
-    image = decode_and_crop(image_bytes, region[0])
-    # clipped in compiled_flip_jitter_normalize
-    image = resize(image, [size, size], cfg.antialias, clip=False)
-  elif cfg.train_crop == "random_resized_crop":
-    image = decode_and_crop(image_bytes, lambda shape: random_resized_crop_window(
-        shape, s_crop, scale=cfg.rrc_scale, ratio=cfg.rrc_ratio))
+  if region is not None or cfg.train_crop == "random_resized_crop":
+    window_fn = region[0] if region is not None else lambda shape: random_resized_crop_window(
+        shape, s_crop, scale=cfg.rrc_scale, ratio=cfg.rrc_ratio)
+    image = decode_and_crop(image_bytes, window_fn)
     # clipped in compiled_flip_jitter_normalize
     image = resize(image, [size, size], cfg.antialias, clip=False)
   elif cfg.train_crop == "pad_random_crop":
