@@ -6,6 +6,9 @@ functions the training/eval pipelines use) for several ``num_parallel_calls``:
 
 * ``train``: fused decode-and-crop random-resized crop + flip + colour jitter
   (0.4, 0.4, 0.4, 0.1), normalised float32;
+* ``train, colour on device``: the host half of ``augment.color_on_device`` (the same crop and
+  flip, rounded to uint8, and the jitter factors; the jitter and the normalisation then run in
+  the train step on the accelerator, ``jaxkd.train.color``);
 * ``eval``: fused decode of the 0.875 centre crop, resize, normalised float32;
 * ``train, op by op`` / ``eval, op by op``: the same images through the same operations, with the
   flip, colour jitter and normalisation run op by op as TensorFlow kernels instead of the
@@ -16,6 +19,7 @@ functions the training/eval pipelines use) for several ``num_parallel_calls``:
 Usage::
 
     python bench/bench_input.py [--data-root ../shared/data] [--image-size 224] [--num-images 512]
+                                [--num-parallel-calls 1,2,4,autotune]
 
 ``run(...)`` returns the rows as a list of dicts (for a single bench entry point).
 """
@@ -52,11 +56,13 @@ def _cores() -> int:
 def _configs(image_size: int) -> dict[str, augment.AugmentConfig]:
   return {
       "train": augment.AugmentConfig(image_size=image_size, color_jitter=(0.4, 0.4, 0.4, 0.1)),
+      "train, colour on device": augment.AugmentConfig(
+          image_size=image_size, color_jitter=(0.4, 0.4, 0.4, 0.1), color_on_device=True),
       "eval": augment.AugmentConfig(image_size=image_size),
   }
 
 
-MODES = ("train", "train, op by op", "eval", "eval, op by op")
+MODES = ("train", "train, colour on device", "train, op by op", "eval", "eval, op by op")
 
 
 def _resize_always_antialiased(image, cfg: augment.AugmentConfig):
@@ -106,10 +112,11 @@ def run(*, data_root: str | os.PathLike | None = None, image_size: int = 224,
   configs = _configs(image_size)
 
   def dataset(mode: str, npc: int | None) -> tf.data.Dataset:
-    cfg = configs[mode.split(",")[0]]
+    cfg = configs.get(mode, configs[mode.split(",")[0]])
     calls = tf.data.AUTOTUNE if npc is None else npc
     if mode.startswith("train"):
-      train = augment.train_preprocess if mode == "train" else _train_op_by_op
+      train = {"train": augment.train_preprocess, "train, op by op": _train_op_by_op,
+               "train, colour on device": augment.train_preprocess_uint8}[mode]
 
       def fn(image, key):
         seed = tf.stack([tf.constant(0, tf.int64), tf.strings.to_hash_bucket_fast(key, 2**62)])
@@ -135,7 +142,7 @@ def run(*, data_root: str | os.PathLike | None = None, image_size: int = 224,
     next(it)  # warm-up: tracing and first batch
     seen, start = 0, time.perf_counter()
     for batch in it:
-      seen += int(batch.shape[0])
+      seen += int(tf.nest.flatten(batch)[0].shape[0])
     return seen, time.perf_counter() - start
 
   # The modes of one num_parallel_calls are timed one after the other, `rounds` times in turn, and
@@ -164,13 +171,14 @@ def run(*, data_root: str | os.PathLike | None = None, image_size: int = 224,
 
 
 def markdown_table(rows: list[dict]) -> str:
-  """The rows as markdown; "vs op by op" is a mode's images/s over its op-by-op path's at the
-  same num_parallel_calls (same run)."""
+  """The rows as markdown; "vs op by op" is a train (eval) mode's images/s over the train (eval)
+  op-by-op path's at the same num_parallel_calls (same run)."""
   speed = {(r["mode"], r["num_parallel_calls"]): r["images_per_s"] for r in rows}
   lines = ["| preprocessing | num_parallel_calls | images/s | images/s per core | vs op by op |",
            "|---|---|---:|---:|---:|"]
   for r in rows:
-    before = speed.get((f"{r['mode']}, op by op", r["num_parallel_calls"]))
+    base = f"{r['mode'].split(',')[0]}, op by op"
+    before = speed.get((base, r["num_parallel_calls"])) if r["mode"] != base else None
     ratio = f"{r['images_per_s'] / before:.2f}x" if before else ""
     lines.append(f"| {r['mode']} ({r['image_size']} px) | {r['num_parallel_calls']} | "
                  f"{r['images_per_s']:.1f} | {r['images_per_s_per_core']:.1f} | {ratio} |")
@@ -187,9 +195,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   parser.add_argument("--passes", type=int, default=2)
   parser.add_argument("--rounds", type=int, default=3,
                       help="timings per mode, taken in turn with the other modes (median kept)")
+  parser.add_argument("--num-parallel-calls", default="1,2,4,autotune",
+                      help="comma-separated tf.data parallelisms to time ('autotune': AUTOTUNE)")
   args = parser.parse_args(argv)
+  npcs = tuple(None if v.strip().lower() == "autotune" else int(v)
+               for v in args.num_parallel_calls.split(","))
   rows = run(data_root=args.data_root, image_size=args.image_size, num_images=args.num_images,
-             passes=args.passes, rounds=args.rounds)
+             passes=args.passes, rounds=args.rounds, num_parallel_calls=npcs)
   print(f"\nFood-101 512-px JPEGs, {rows[0]['source_images']} images x {args.passes} passes, "
         f"median of {args.rounds} rounds, {rows[0]['cores']} CPU cores available\n")
   print(markdown_table(rows))

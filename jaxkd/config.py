@@ -187,6 +187,10 @@ _AUGMENT = [
     _k("antialias", "bool", True, "antialiased resizing"),
     _k("dtype", "str", "float32", "dtype of the images fed to the model",
        choices=("float32", "bfloat16")),
+    _k("color_on_device", "bool", False,
+       "hand the train step uint8 crops and run the colour jitter and the normalisation there "
+       "(less host CPU per image; not with RandAugment, AutoAugment, Random Erasing, MixUp or "
+       "CutMix)"),
 ]
 
 _OPTIMIZER = [

@@ -19,7 +19,8 @@ Data fixtures (all session-scoped, built once per test session):
   one object per (folder, kw).
 * ``data_variant``: 'generated', plus 'real' when the real photographs are present; tests that
   take it run on both. ``food_dir`` / ``food``: the variant's ``food-101/`` folder and its
-  ``food101_local`` source.
+  ``food101_local`` source. ``food_images`` (module scope): three of the variant's image files,
+  a colour JPEG, the greyscale JPEG and the PNG named .jpg (None where the variant has none).
 * ``shared_data``: ../shared/data (real photographs); skips when absent. Setting
   JAXKD_TEST_NO_SHARED=1 makes the session behave as if it were absent (a user's clone).
 """
@@ -224,3 +225,15 @@ def pytest_terminal_summary(terminalreporter):
     if prepared:
       terminalreporter.write_line(f"jaxkd: {len(prepared)} data sets prepared in the session "
                                   f"data_dir {path}: {prepared}")
+
+
+@pytest.fixture(scope="module")
+def food_images(food_dir, data_variant, request):
+  """(a colour JPEG, the greyscale JPEG or None, the PNG named .jpg or None) of the food tree."""
+  if data_variant == "real":
+    images = food_dir / "images"
+    return images / "apple_pie/1005649.jpg", images / "bread_pudding/1375816.jpg", None
+  tree = request.getfixturevalue("generated_food101_tree")
+  special = (tree.grayscale_key, tree.png_key)
+  colour = next(k for k in tree.train[tree.classes[0]] if k not in special)
+  return tuple(food_dir / "images" / f"{k}.jpg" for k in (colour, tree.grayscale_key, tree.png_key))

@@ -35,18 +35,6 @@ def cifar(data_variant, request, tfds_data_dir):
   return data.get_source("image_folder", manual_dir=root, data_dir=tfds_data_dir)
 
 
-@pytest.fixture(scope="module")
-def food_images(food_dir, data_variant, request):
-  """(a colour JPEG, the greyscale JPEG or None, the PNG named .jpg or None) of the food tree."""
-  if data_variant == "real":
-    images = food_dir / "images"
-    return images / "apple_pie/1005649.jpg", images / "bread_pudding/1375816.jpg", None
-  tree = request.getfixturevalue("generated_food101_tree")
-  special = (tree.grayscale_key, tree.png_key)
-  colour = next(k for k in tree.train[tree.classes[0]] if k not in special)
-  return tuple(food_dir / "images" / f"{k}.jpg" for k in (colour, tree.grayscale_key, tree.png_key))
-
-
 def _val_counts(source):
   """{label: val examples}: floor(0.2 n_c + 1/2) of each class's official training images."""
   counts = collections.Counter(source.index("trainval")[1].tolist())

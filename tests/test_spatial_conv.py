@@ -64,16 +64,20 @@ CASES = [
     ((2, 12, 12, 64), (3, 3), 16, (1, 1), ((1, 1), (1, 1)), "shift", "xla"),
     ((2, 24, 23, 64), (3, 3), 16, (2, 2), ((1, 1), (1, 1)), "shift", "phases"),
     ((1, 31, 33, 64), (3, 5), 8, (3, 2), ((1, 0), (2, 2)), "shift", "phases"),
-    ((2, 13, 13, 5), (3, 3), 7, (2, 2), ((1, 1), (1, 1)), "xla", "xla"),  # 49 output pixels
-    ((2, 6, 6, 80), (3, 3), 8, (1, 1), ((1, 1), (1, 1)), "xla", "xla"),  # 36 output pixels
+    ((2, 13, 13, 5), (3, 3), 7, (2, 2), ((1, 1), (1, 1)), "shift", "xla"),  # 49 output pixels
+    ((2, 6, 6, 80), (3, 3), 8, (1, 1), ((1, 1), (1, 1)), "shift", "xla"),  # 36 output pixels
     ((2, 30, 28, 4), (5, 5), 6, (2, 2), ((2, 1), (0, 2)), "im2col", "phases"),
     ((1, 40, 40, 64), (2, 2), 8, (3, 3), ((0, 0), (0, 0)), "shift", "phases"),  # kernel < stride
 ]
 
 
+@pytest.mark.parametrize("chunk_bytes", [None, 1], ids=["one-chunk", "per-image-chunks"])
 @pytest.mark.parametrize("x_shape,kernel,cout,strides,pad,kernel_method,input_method", CASES)
 def test_value_and_gradients_match_float64(x_shape, kernel, cout, strides, pad, kernel_method,
-                                           input_method):
+                                           input_method, chunk_bytes, monkeypatch):
+  """Both the whole batch in one chunk and one image per chunk (the kernel gradient's scan)."""
+  if chunk_bytes is not None:
+    monkeypatch.setattr(spatial_conv, "CHUNK_BYTES", chunk_bytes)
   out_hw = _out_hw(x_shape, kernel, strides, pad)
   assert spatial_conv.kernel_grad_method(x_shape[3], kernel, out_hw) == kernel_method
   expected_input = "xla" if out_hw[0] * out_hw[1] < 100 or strides == (1, 1) else "phases"
@@ -172,9 +176,9 @@ def test_other_convolutions_are_xla_s(kwargs):
 def test_resnet_stem_and_stage_shapes_take_the_measured_methods():
   """The rule of the module docstring at ResNet-50's shapes (batch 32, 224 px)."""
   assert spatial_conv.kernel_grad_method(3, (7, 7), (112, 112)) == "im2col"
-  assert spatial_conv.kernel_grad_method(3, (3, 3), (112, 112)) == "xla"  # MobileNetV3 stem
+  assert spatial_conv.kernel_grad_method(3, (3, 3), (112, 112)) == "shift"  # MobileNetV3 stem
   assert spatial_conv.kernel_grad_method(128, (3, 3), (28, 28)) == "shift"
-  assert spatial_conv.kernel_grad_method(512, (3, 3), (7, 7)) == "xla"
+  assert spatial_conv.kernel_grad_method(512, (3, 3), (7, 7)) == "shift"
   assert spatial_conv.input_grad_method((2, 2), (28, 28)) == "phases"
   assert spatial_conv.input_grad_method((2, 2), (7, 7)) == "xla"
 
@@ -201,3 +205,14 @@ def test_xla_gradients_opt_out_allows_per_example_gradients(monkeypatch):
     for a, b in zip(jax.tree.leaves(per_example), jax.tree.leaves(one)):
       np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-6)
   assert "custom_jvp_call" not in str(jax.make_jaxpr(loss)((pc, pd), x[0]))
+
+
+@pytest.mark.parametrize("batch,per_image,budget,expected", [
+    (64, 65536, 1 << 20, 16),  # CIFAR 16 channels at 32 px: 16 images per chunk
+    (32, 802816, 1 << 20, 1),  # ResNet-50 64 channels at 56 px: one image
+    (32, 200704, 1 << 20, 4),  # 5 would fit; 4 is the largest divisor of 32 that does
+    (6, 10, 1 << 20, 6),  # the whole batch
+    (7, 1 << 21, 1 << 20, 1),  # an image larger than the budget: still one
+])
+def test_batch_chunk_is_the_largest_divisor_that_fits(batch, per_image, budget, expected):
+  assert spatial_conv.batch_chunk(batch, per_image, budget) == expected

@@ -36,7 +36,10 @@ Batches are dicts of numpy arrays ``{'image', 'label', 'key', 'weight'}`` (+
 partner's stored logits, with both; a store's lookup is
 ``jaxkd.data.teacher_logits.tf_lookup(store)``). The teacher logits are joined by key before
 mixing and stay each example's own row; ``jaxkd.train.step`` mixes the teacher's
-probabilities with ``mix_lambda``. With ``mesh=...`` the numeric
+probabilities with ``mix_lambda``. With ``augment.color_on_device`` a training batch's 'image'
+is uint8 before the colour jitter and the normalisation, and 'color_jitter' [B, 4] holds each
+example's jitter factors (``jaxkd.train.color`` finishes the images in the train step). With
+``mesh=...`` the numeric
 fields are global ``jax.Array``s sharded along the mesh's 'data' axis (``to_device``);
 'key' (strings) stays a host-local numpy array.
 """
@@ -197,8 +200,12 @@ def train_dataset(source: Source, split: str = "train", *, global_batch_size: in
       r = regions_lib.pick(example_seed, regions)
       region = regions_lib.replay(ex["key"], r, regions)
       out.update(region=r, teacher_key=regions_lib.region_key(ex["key"], r))
-    out["image"] = augment_lib.train_preprocess(ex["image"], example_seed, cfg, dtype=image_dtype,
-                                                region=region)
+    if cfg.color_on_device:
+      out["image"], out["color_jitter"] = augment_lib.train_preprocess_uint8(
+          ex["image"], example_seed, cfg, region=region)
+    else:
+      out["image"] = augment_lib.train_preprocess(ex["image"], example_seed, cfg,
+                                                  dtype=image_dtype, region=region)
     return out
 
   ds = ds.map(preprocess, num_parallel_calls=npc, deterministic=True)

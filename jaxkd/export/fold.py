@@ -44,11 +44,7 @@ from jax import lax
 
 from jaxkd.models.batchnorm import BatchNorm
 from jaxkd.models.layers import DepthwiseConv
-
-# ImageNet statistics of the eval preprocessing (jaxkd.data.augment.MEAN_RGB / STD_RGB, kept
-# equal by a test): normalisation runs inside the exported model on uint8 pixels.
-MEAN_RGB = (0.485, 0.456, 0.406)
-STD_RGB = (0.229, 0.224, 0.225)
+from jaxkd.pixels import MEAN_RGB, STD_RGB  # the eval normalisation, run inside the exported model
 
 Path = tuple[str, ...]
 

@@ -1,37 +1,33 @@
 """k x k dense convolutions (k > 1) with their gradients chosen per shape on CPU.
 
-XLA:CPU computes the forward convolution well, but its two gradients less so. Measured on a
-2-core Intel Xeon (AVX-512, AMX), float32, ResNet-50 at batch 32 and CIFAR ResNets at batch 64,
-milliseconds per call:
+XLA:CPU computes the forward convolution well, but its two gradients less so. Kernel gradient,
+float32, milliseconds per call, on a 2-core AMD EPYC (no AVX-512; `python bench/bench_conv_grad.py`
+prints this table on any machine):
 
-  kernel gradient          XLA   shifted GEMMs   im2col GEMM
-  7x7/2, 3 -> 64, 224 px   546        369            223      (ResNet stem)
-  3x3/2, 3 -> 16, 224 px    32         42             35      (MobileNetV3 stem)
-  3x3, 64, 56 px           192        187            226
-  3x3/2, 128, 56 px        148         98            128
-  3x3, 128, 28 px          138         86            136
-  3x3, 256, 14 px           63         60             84
-  3x3, 512, 7 px            36         33             51
-  3x3/2, 512, 14 px         43         46             51
-  3x3, 16, 32 px            12         18             27      (CIFAR, batch 64)
-  3x3, 128, 32 px          335        208            311
-  3x3, 256, 16 px          325        143            188
+  kernel gradient                   XLA   chunked shifted GEMMs   chunked im2col   forward
+  3x3, 16, 32 px, batch 64           58            10                  60              5
+  3x3, 64, 8 px, batch 64            11             8                  19              3
+  3x3/2, 16 -> 32, 32 px, batch 64   15             6                  16              3
+  3x3, 64, 32 px, batch 64         1679           105                 253             65
+  7x7/2, 3 -> 64, 224 px, batch 32 1519           486                 488
+  3x3, 64, 56 px, batch 32         1159           244                 432             62
+  3x3/2, 128, 56 px, batch 32      1229           159                 288             90
+  3x3, 256, 14 px, batch 32         233           125                 134             77
+  3x3, 512, 7 px, batch 32          104            93                 178             95
 
-  input gradient of a stride-2 3x3      XLA   phases
-  128 channels, 56 -> 28 px             124     54
-  256 channels, 28 -> 14 px              63     29
-  512 channels, 14 -> 7 px               34     34
+On a 2-core Intel Xeon (AVX-512, AMX) the unchunked shifted GEMMs beat XLA from 64 input
+channels and 100 output pixels and lost below (3x3, 16, 32 px: 18 ms against XLA's 12); the
+im2col GEMM won the ResNet stem there (223 ms against 546).
 
 Kernel gradient dW[i, j] = sum_{b,h,w} xp[b, s*h + i, s*w + j, :]^T dy[b, h, w, :] (xp the
-padded input):
+padded input), summed over chunks of images (`lax.scan`) of about CHUNK_BYTES of input each, so
+that a chunk's taps stay in cache (`batch_chunk`):
 
-- "shifted GEMMs": one [Cin, B*Ho*Wo] x [B*Ho*Wo, Cout] GEMM per tap (i, j) on the strided slice
-  of xp. Taken when Cin >= 64 and the output has at least 100 pixels: deep enough for the GEMM,
-  and with enough rows to beat XLA's fixed cost.
-- "im2col GEMM": all taps at once, [Cin*kh*kw, B*Ho*Wo] x [B*Ho*Wo, Cout] on the patches
+- "shifted GEMMs": one [Cin, rows] x [rows, Cout] GEMM per tap (i, j) on the strided slice of
+  the chunk. Taken everywhere but in a stem.
+- "im2col GEMM": all taps at once, [Cin*kh*kw, rows] x [rows, Cout] on the patches
   (`lax.conv_general_dilated_patches`). Taken for kernels of 25 taps or more on fewer than 16
   input channels (a network's stem), where a per-tap GEMM would be only Cin deep.
-- XLA's own otherwise.
 
 Input gradient of a strided convolution (stride_phases.py): one stride-1 convolution per stride
 phase, interleaved, when the output has at least 100 pixels; XLA's transposed convolution
@@ -62,20 +58,18 @@ PadPair = tuple[IntPair, IntPair]
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
-SHIFT_MIN_CHANNELS = 64  # kernel gradient as one GEMM per tap from this many input channels ...
-MIN_OUTPUT_PIXELS = 100  # ... and this many output pixels (also for the phase input gradient)
+MIN_OUTPUT_PIXELS = 100  # the phase input gradient from this many output pixels
 IM2COL_MAX_CHANNELS = 15  # kernel gradient as one im2col GEMM up to this many input channels ...
 IM2COL_MIN_TAPS = 25  # ... for kernels of at least this many taps
+CHUNK_BYTES = 1 << 20  # the kernel gradient sums over chunks of images of about this many bytes
 
 
 def kernel_grad_method(in_channels: int, kernel_hw: IntPair, out_hw: IntPair) -> str:
-  """'shift', 'im2col' or 'xla': how the CPU path computes the kernel gradient (module
-  docstring)."""
-  if in_channels >= SHIFT_MIN_CHANNELS and out_hw[0] * out_hw[1] >= MIN_OUTPUT_PIXELS:
-    return "shift"
+  """'shift' or 'im2col': how the CPU path computes the kernel gradient (module docstring)."""
+  del out_hw  # every output size measured wins with the chunked GEMMs
   if in_channels <= IM2COL_MAX_CHANNELS and kernel_hw[0] * kernel_hw[1] >= IM2COL_MIN_TAPS:
     return "im2col"
-  return "xla"
+  return "shift"
 
 
 def input_grad_method(strides: IntPair, out_hw: IntPair) -> str:
@@ -93,6 +87,13 @@ def _gemm_dtype(dtype) -> Any:
   return jnp.float32 if jnp.finfo(dtype).bits < 32 else dtype
 
 
+def batch_chunk(batch: int, bytes_per_image: int, budget: int | None = None) -> int:
+  """The largest divisor of `batch` whose images' bytes fit in `budget` (default CHUNK_BYTES),
+  at least 1."""
+  fit = max(1, (CHUNK_BYTES if budget is None else budget) // max(1, bytes_per_image))
+  return max(d for d in range(1, batch + 1) if batch % d == 0 and d <= fit)
+
+
 def _kernel_grad(x: jax.Array, dy: jax.Array, kernel_hw: IntPair, strides: IntPair,
                  pad: PadPair) -> jax.Array:
   """dW [kh, kw, Cin, Cout] in x's dtype, by the method `kernel_grad_method` picks."""
@@ -105,22 +106,34 @@ def _kernel_grad(x: jax.Array, dy: jax.Array, kernel_hw: IntPair, strides: IntPa
                            jnp.zeros((kh, kw, cin, cout), x.dtype))
     return transpose(dy)[0]
   acc = _gemm_dtype(x.dtype)
-  dy2 = dy.reshape(b * ho * wo, cout)
-  if method == "im2col":
-    # features ordered (Cin, kh, kw)
-    patches = lax.conv_general_dilated_patches(x, (kh, kw), strides, pad, dimension_numbers=_NHWC,
-                                               precision=lax.Precision.HIGHEST)
-    dk = jnp.dot(patches.reshape(b * ho * wo, cin * kh * kw).T, dy2,
-                 preferred_element_type=acc)
-    return dk.reshape(cin, kh, kw, cout).transpose(1, 2, 0, 3).astype(x.dtype)
+  per_image = ho * wo * cin * jnp.dtype(x.dtype).itemsize * (kh * kw if method == "im2col" else 1)
+  chunk = batch_chunk(b, per_image)
   xp = stride_phases.pad_hw(x, (*pad[0], 0), (*pad[1], 0))
-  taps = []
-  for i in range(kh):
-    for j in range(kw):
-      tap = lax.slice(xp, (0, i, j, 0), (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, cin),
-                      (1, sh, sw, 1))
-      taps.append(jnp.dot(tap.reshape(b * ho * wo, cin).T, dy2, preferred_element_type=acc))
-  return jnp.stack(taps).reshape(kh, kw, cin, cout).astype(x.dtype)
+  rows = chunk * ho * wo
+
+  def chunk_grad(xc, dyc):
+    """[kh * kw, Cin, Cout] summed over one chunk of images."""
+    if method == "im2col":
+      # features ordered (Cin, kh, kw)
+      patches = lax.conv_general_dilated_patches(xc, (kh, kw), strides, "VALID",
+                                                 dimension_numbers=_NHWC,
+                                                 precision=lax.Precision.HIGHEST)
+      dk = jnp.dot(patches.reshape(rows, cin * kh * kw).T, dyc, preferred_element_type=acc)
+      return dk.reshape(cin, kh * kw, cout).swapaxes(0, 1)
+    taps = []
+    for i in range(kh):
+      for j in range(kw):
+        tap = lax.slice(xc, (0, i, j, 0),
+                        (chunk, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, cin), (1, sh, sw, 1))
+        taps.append(jnp.dot(tap.reshape(rows, cin).T, dyc, preferred_element_type=acc))
+    return jnp.stack(taps)
+
+  def step(total, chunk_in):
+    return total + chunk_grad(*chunk_in), None
+
+  chunks = (xp.reshape(b // chunk, chunk, *xp.shape[1:]), dy.reshape(b // chunk, rows, cout))
+  total, _ = lax.scan(step, jnp.zeros((kh * kw, cin, cout), acc), chunks)
+  return total.reshape(kh, kw, cin, cout).astype(x.dtype)
 
 
 def _input_grad(dy: jax.Array, kernel: jax.Array, strides: IntPair, pad: PadPair,

@@ -100,6 +100,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxkd import losses, schedules
+from jaxkd.train import color
 from jaxkd.train.optim import config_get
 from jaxkd.train.state import TrainState
 
@@ -119,7 +120,7 @@ HParam = float | Callable[[jax.Array], jax.Array]
 PyTree = Any
 
 TRAIN_BATCH_KEYS = ("image", "label", "weight", "teacher_logits", "soft_label", "mix_lambda",
-                    "mix_teacher_logits")
+                    "mix_teacher_logits", "color_jitter")
 _KINDS = ("ce", "kd", "dkd", "lskd")
 _FEATURE_KINDS = ("at", "hint", "mmd", "fitnet", "lstm")
 HEAD_KINDS = ("fitnet", "lstm")  # feature terms with their own trained modules (jaxkd.train.heads)
@@ -495,7 +496,9 @@ def make_train_step(model: nn.Module, loss_config: Any, tx: optax.GradientTransf
     float32 like 'teacher_logits' (the partner's stored logits, mixed with
     'teacher_logits' in probability space; see the module docstring); other keys
     are ignored. B must be divisible by the mesh's 'data' size. Kind 'dkd'
-    refuses soft labels (ValueError).
+    refuses soft labels (ValueError). A uint8 'image' (`augment.color_on_device`) is colour
+    jittered with 'color_jitter' [B, 4] (absent: no jitter) and normalised first
+    (jaxkd.train.color), and the student and the online teacher both see the result.
   hparams: optional dict overriding config values by name (any of
     HPARAM_NAMES, as floats or float32 scalars) without recompiling; the
     training loop passes the values of 'from_accuracy' rules this way
@@ -578,6 +581,8 @@ def make_train_step(model: nn.Module, loss_config: Any, tx: optax.GradientTransf
       return weight if gate is None else weight * gate
 
     images = batch["image"]
+    if images.dtype == jnp.uint8:  # augment.color_on_device: the host stopped before the jitter
+      images = color.jitter_and_normalize(images, batch.get("color_jitter"))
     labels = batch["label"]
     weights = batch.get("weight")
     weights = (jnp.ones(labels.shape[:1], jnp.float32) if weights is None

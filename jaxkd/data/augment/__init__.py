@@ -38,6 +38,10 @@ Per-example training pipeline (``train_preprocess``), in this order:
    (Cubuk et al., CVPR 2019), see ``RANDAUGMENT_OPS`` / ``AUTOAUGMENT_IMAGENET_POLICY``.
 5. Normalise with the ImageNet mean/std (``MEAN_RGB``/``STD_RGB``, the only place
    these constants live): ``x = (pixel/255 - mean) / std``.
+With ``color_on_device`` the host stops after steps 1 and 2 (``train_preprocess_uint8``: uint8
+pixels and the jitter factors of step 3) and the train step does 3 and 5 on the device
+(``jaxkd.train.color``); steps 4 and 6 and MixUp/CutMix are then refused.
+
 6. Random Erasing (Zhong et al., AAAI 2020) with probability ``random_erasing``
    (the 2025 KD article, see References, uses 0.3): area ``U(0.02, 1/3)`` of the image,
    aspect ratio ``logU(0.3, 1/0.3)``, filled with N(0, 1) noise (``'pixel'``) or zeros
@@ -130,6 +134,7 @@ from jaxkd.data.augment.policies import (
     flip_decision,
     randaugment,
     train_preprocess,
+    train_preprocess_uint8,
 )
 
 __all__ = [
@@ -145,7 +150,8 @@ __all__ = [
     "op_color", "op_contrast", "op_brightness", "op_sharpness",
     # policies
     "RANDAUGMENT_OPS", "AUTOAUGMENT_IMAGENET_POLICY", "randaugment", "autoaugment_imagenet",
-    "train_preprocess", "eval_preprocess", "compiled_flip_jitter_normalize", "flip_decision",
+    "train_preprocess", "train_preprocess_uint8", "eval_preprocess",
+    "compiled_flip_jitter_normalize", "flip_decision",
     # mixing
     "mix_batch",
 ]

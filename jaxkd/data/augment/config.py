@@ -45,6 +45,10 @@ class AugmentConfig:
     eval_crop_fraction: centre-crop fraction for evaluation (0.875).
     antialias: antialiased resizing (better quality when downscaling).
     dtype: 'float32' or 'bfloat16' output images.
+    color_on_device: training images leave the host as uint8 after the crop, resize and flip,
+      with their colour-jitter factors as 'color_jitter' [4]; the train step jitters and
+      normalises them (``jaxkd.train.color``). Excludes the augmentations that run after the
+      jitter on the host: RandAugment, AutoAugment, Random Erasing, MixUp and CutMix.
   """
   image_size: int = 224
   train_crop: str = "random_resized_crop"
@@ -67,6 +71,7 @@ class AugmentConfig:
   eval_crop_fraction: float = 0.875
   antialias: bool = True
   dtype: str = "float32"
+  color_on_device: bool = False
 
   def __post_init__(self):
     if self.image_size <= 0:
@@ -109,6 +114,18 @@ class AugmentConfig:
                        "need a value in (0, 1]")
     if self.dtype not in _DTYPES:
       raise ValueError(f"dtype={self.dtype!r}: use one of {tuple(_DTYPES)}")
+    if self.color_on_device:
+      after_jitter = {"randaugment_num_ops": self.randaugment_num_ops,
+                      "autoaugment": self.autoaugment, "random_erasing": self.random_erasing,
+                      "mixup_alpha": self.mixup_alpha,
+                      "mixup_lambda_range": self.mixup_lambda_range,
+                      "cutmix_alpha": self.cutmix_alpha}
+      on = {k: v for k, v in after_jitter.items() if v}
+      if on:
+        raise ValueError(
+            f"color_on_device=True with {', '.join(f'{k}={v!r}' for k, v in on.items())}: "
+            "these run after the colour jitter on the host, so the jitter cannot move to the "
+            "device; set color_on_device=False, or turn them off")
 
   @classmethod
   def from_mapping(cls, cfg: Mapping[str, Any] | None = None, **overrides) -> AugmentConfig:

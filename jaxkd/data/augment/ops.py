@@ -18,14 +18,11 @@ from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
-# ImageNet statistics (RGB, fraction of 255) used by every torchvision/timm
-# ImageNet-pretrained model. The ONLY place these constants live in jaxkd.
-MEAN_RGB: tuple[float, float, float] = (0.485, 0.456, 0.406)
-STD_RGB: tuple[float, float, float] = (0.229, 0.224, 0.225)
+from jaxkd.pixels import GRAY_WEIGHTS as _GRAY_WEIGHTS
+from jaxkd.pixels import MEAN_RGB, STD_RGB
 
 # Pixel value used to fill the area uncovered by geometric RandAugment/AutoAugment ops.
 _FILL_VALUE = 128.0
-_GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's convert('L')
 
 ERASING_MODES = ("pixel", "zero")
 

@@ -144,24 +144,28 @@ def compiled_flip_jitter_normalize(strengths: tuple[float, float, float, float],
 _NO_JITTER = (0.0, 0.0, 0.0, 0.0)
 
 
-def train_preprocess(image_bytes: tf.Tensor, seed: tf.Tensor, cfg: AugmentConfig,
-                     *, dtype: tf.DType | None = None,
-                     region: tuple[Callable[[tf.Tensor], tf.Tensor], tf.Tensor] | None = None
-                     ) -> tf.Tensor:
-  """Encoded image + stateless seed -> augmented, normalised [S, S, 3] image.
+@functools.cache
+def _compiled_flip_to_uint8():
+  """``(image [S, S, 3] float32, flip bool []) -> uint8``: clip to [0, 255], round, flip
+  left-right if ``flip``; one XLA-compiled pass over the image."""
+  def flip_to_uint8(image, flip):
+    image = tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
+    return tf.where(flip, tf.reverse(image, [1]), image)
 
-  ``dtype`` overrides ``cfg.dtype`` (the pipeline keeps float32 until MixUp/CutMix).
-  ``region`` = (window function ``[H, W] -> [y, x, h, w]``, flip bool) replays a stored crop
-  (``jaxkd.data.regions``): that box and flip replace the random-resized crop's random ones; the
-  rest of the augmentation is drawn from ``seed`` as usual.
-  """
+  return tf.function(flip_to_uint8, jit_compile=True, reduce_retracing=True)
+
+
+def _train_crop(image_bytes: tf.Tensor, seed: tf.Tensor, cfg: AugmentConfig,
+                region: tuple[Callable[[tf.Tensor], tf.Tensor], tf.Tensor] | None
+                ) -> tuple[tf.Tensor, tf.Tensor]:
+  """Step 1 and the flip decision of step 2 of the module docstring: (float32 [S, S, 3] crop,
+  not yet clipped to [0, 255], flip bool [])."""
   size = cfg.image_size
-  s_crop, s_flip, s_jitter, s_policy, s_erase = split_seed(seed, 5)
+  s_crop, s_flip = split_seed(seed, 5)[:2]
   if region is not None or cfg.train_crop == "random_resized_crop":
     window_fn = region[0] if region is not None else lambda shape: random_resized_crop_window(
         shape, s_crop, scale=cfg.rrc_scale, ratio=cfg.rrc_ratio)
     image = decode_and_crop(image_bytes, window_fn)
-    # clipped in compiled_flip_jitter_normalize
     image = resize(image, [size, size], cfg.antialias, clip=False)
   elif cfg.train_crop == "pad_random_crop":
     image = tf.cast(decode_image(image_bytes), tf.float32)
@@ -187,6 +191,22 @@ def train_preprocess(image_bytes: tf.Tensor, seed: tf.Tensor, cfg: AugmentConfig
     flip = region[1]
   else:
     flip = flip_decision(s_flip) if cfg.flip else tf.constant(False)
+  return image, flip
+
+
+def train_preprocess(image_bytes: tf.Tensor, seed: tf.Tensor, cfg: AugmentConfig,
+                     *, dtype: tf.DType | None = None,
+                     region: tuple[Callable[[tf.Tensor], tf.Tensor], tf.Tensor] | None = None
+                     ) -> tf.Tensor:
+  """Encoded image + stateless seed -> augmented, normalised [S, S, 3] image.
+
+  ``dtype`` overrides ``cfg.dtype`` (the pipeline keeps float32 until MixUp/CutMix).
+  ``region`` = (window function ``[H, W] -> [y, x, h, w]``, flip bool) replays a stored crop
+  (``jaxkd.data.regions``): that box and flip replace the random-resized crop's random ones; the
+  rest of the augmentation is drawn from ``seed`` as usual.
+  """
+  _, _, s_jitter, s_policy, s_erase = split_seed(seed, 5)
+  image, flip = _train_crop(image_bytes, seed, cfg, region)
   strengths = tuple(float(x) for x in cfg.color_jitter)
   factors = color_jitter_factors(s_jitter, strengths)
   if cfg.randaugment_num_ops or cfg.autoaugment == "imagenet":
@@ -203,6 +223,19 @@ def train_preprocess(image_bytes: tf.Tensor, seed: tf.Tensor, cfg: AugmentConfig
     image = random_erasing(image, s_erase, probability=cfg.random_erasing,
                            mode=cfg.random_erasing_mode)
   return tf.cast(image, dtype or cfg.tf_dtype)
+
+
+def train_preprocess_uint8(image_bytes: tf.Tensor, seed: tf.Tensor, cfg: AugmentConfig, *,
+                           region: tuple[Callable[[tf.Tensor], tf.Tensor], tf.Tensor] | None = None
+                           ) -> tuple[tf.Tensor, tf.Tensor]:
+  """The host half of ``train_preprocess`` for ``cfg.color_on_device``: (uint8 [S, S, 3] crop,
+  resized, rounded and flipped; float32 [4] colour-jitter factors). The same seed gives the same
+  crop, flip and factors as ``train_preprocess``; ``jaxkd.train.color.jitter_and_normalize``
+  finishes the image in the train step."""
+  image, flip = _train_crop(image_bytes, seed, cfg, region)
+  image = _compiled_flip_to_uint8()(image, flip)
+  factors = color_jitter_factors(split_seed(seed, 5)[2], tuple(float(x) for x in cfg.color_jitter))
+  return image, factors
 
 
 def eval_preprocess(image_bytes: tf.Tensor, cfg: AugmentConfig,
