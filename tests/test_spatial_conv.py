@@ -71,11 +71,16 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("chunk_bytes", [None, 1], ids=["one-chunk", "per-image-chunks"])
-@pytest.mark.parametrize("x_shape,kernel,cout,strides,pad,kernel_method,input_method", CASES)
-def test_value_and_gradients_match_float64(x_shape, kernel, cout, strides, pad, kernel_method,
-                                           input_method, chunk_bytes, monkeypatch):
-  """Both the whole batch in one chunk and one image per chunk (the kernel gradient's scan)."""
+# The whole batch in one chunk (CHUNK_BYTES default) for every case, and one image per chunk
+# (the kernel gradient's scan over 2 chunks) for a stem, a stride-1 and a strided layer.
+CHUNKED = [(case, None) for case in CASES] + [(CASES[i], 1) for i in (0, 1, 2)]
+
+
+@pytest.mark.parametrize("case,chunk_bytes", CHUNKED,
+                         ids=[f"{i}-{'per-image' if c else 'one-chunk'}"
+                              for i, (_, c) in enumerate(CHUNKED)])
+def test_value_and_gradients_match_float64(case, chunk_bytes, monkeypatch):
+  x_shape, kernel, cout, strides, pad, kernel_method, input_method = case
   if chunk_bytes is not None:
     monkeypatch.setattr(spatial_conv, "CHUNK_BYTES", chunk_bytes)
   out_hw = _out_hw(x_shape, kernel, strides, pad)
