@@ -511,7 +511,11 @@ def test_two_processes_match_one_and_a_killed_process_stops_the_job(food_data, f
   finally:
     _kill_all(procs)
   assert procs[0].returncode != 0 and waited < HEARTBEAT_S + 30, (waited, procs[0].returncode)
-  assert "The following tasks are unhealthy" in logs[0].read_text()  # JAX's message, naming it
+  # JAX's message naming the dead task: from the coordination service's error poll, or, when
+  # process 0 was in a collective at that moment (seen on a loaded machine), from the barrier.
+  log0 = logs[0].read_text()
+  assert ("The following tasks are unhealthy" in log0 or "Task 1 heartbeat timeout" in log0), \
+      log0[-3000:]
   print(f"process 0 stopped {waited:.1f} s after process 1 was killed (exit code "
         f"{procs[0].returncode})")
   assert "teacher: training" not in logs[0].read_text()  # the finished teacher, reused
