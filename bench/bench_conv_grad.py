@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import statistics
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from unittest import mock
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -30,6 +28,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax import lax  # noqa: E402
 
 from bench import machine  # noqa: E402
+from bench.timing import median_ms  # noqa: E402
 from jaxkd.models import spatial_conv  # noqa: E402
 
 # (name, batch, H=W, Cin, Cout, kernel, stride)
@@ -52,15 +51,6 @@ LAYERS = (
 METHODS = ("xla", "shift", "im2col")
 
 
-def _median_ms(fn: Callable, args: Sequence, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times)
-
 
 def run(layers: Sequence | None = None, *, quick: bool = False, repeats: int | None = None,
         verbose: bool = True) -> list[dict]:
@@ -77,7 +67,7 @@ def run(layers: Sequence | None = None, *, quick: bool = False, repeats: int | N
     w = jnp.zeros((k, k, cin, cout))
     fwd = jax.jit(lambda x, w, s=s, pad=pad: lax.conv_general_dilated(
         x, w, (s, s), pad, dimension_numbers=("NHWC", "HWIO", "NHWC")))
-    row = {"layer": name, "fwd_ms": _median_ms(fwd, (x, w), repeats),
+    row = {"layer": name, "fwd_ms": median_ms(fwd, (x, w), repeats),
            "chosen": spatial_conv.kernel_grad_method(cin, (k, k), (out, out))}
     ref = None
     for method in METHODS:
@@ -86,7 +76,7 @@ def run(layers: Sequence | None = None, *, quick: bool = False, repeats: int | N
       # traced on the first call, under the patch; jit's cache keeps that trace
       with mock.patch.object(spatial_conv, "kernel_grad_method", lambda *a, m=method: m):
         value = jax.block_until_ready(fn(x, g))
-        row[f"{method}_ms"] = _median_ms(fn, (x, g), repeats)
+        row[f"{method}_ms"] = median_ms(fn, (x, g), repeats)
       ref = value if ref is None else ref
       row[f"{method}_err"] = float(jnp.max(jnp.abs(value - ref)) / jnp.max(jnp.abs(ref)))
     rows.append(row)

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -33,6 +31,7 @@ if str(_REPO) not in sys.path:
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from bench.timing import median_ms  # noqa: E402
 from jaxkd.models.depthwise import shift_depthwise_conv2d, xla_depthwise_conv2d  # noqa: E402
 
 # (name, H=W, channels, kernel, stride) of MobileNetV3-Large's depthwise layers at 224 px (one per
@@ -55,15 +54,6 @@ IMPLEMENTATIONS: dict[str, Callable] = {
     "shifted slices": shift_depthwise_conv2d,
 }
 
-
-def _median_ms(fn: Callable, args: Sequence, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile + warm-up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times)
 
 
 def run(layers: Sequence | None = None, *, quick: bool = False, verbose: bool = True,
@@ -106,8 +96,8 @@ def run(layers: Sequence | None = None, *, quick: bool = False, verbose: bool = 
         return y, pullback(g)
 
       fwd_bwd = jax.jit(fwd_bwd)
-      fwd_ms = _median_ms(fwd, (x, w), repeats)
-      fwd_bwd_ms = _median_ms(fwd_bwd, (x, w, g), bwd_repeats)
+      fwd_ms = median_ms(fwd, (x, w), repeats)
+      fwd_bwd_ms = median_ms(fwd_bwd, (x, w, g), bwd_repeats)
       layer_rows.append({"shape": name, "impl": impl, "fwd_ms": fwd_ms, "fwd_bwd_ms": fwd_bwd_ms,
                          "gflops": flops / fwd_ms / 1e6, "batch": batch,
                          "dtype": jnp.dtype(dtype).name, "platform": platform})

@@ -17,6 +17,19 @@ from typing import Any
 from bench.machine import device_peak_mib, peak_rss_mib
 
 
+def median_ms(fn: Callable, args: Sequence, repeats: int) -> float:
+  """Milliseconds of ``fn(*args)`` to ``jax.block_until_ready``: the median of ``repeats`` calls
+  after one untimed call (compile and warm-up), for the single-layer micro-benchmarks."""
+  import jax
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return 1e3 * statistics.median(times)
+
+
 def jax_setup(args: argparse.Namespace):
   """(mesh, compute dtype, batch): the data mesh over all devices and a synthetic batch of
   `args.batch_size` images (with teacher logits) already on the devices."""
